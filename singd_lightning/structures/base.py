@@ -1,0 +1,136 @@
+"""The interface of a structured matrix layout.
+
+A :class:`Structure` describes a subspace of ``dim × dim`` matrices that is closed
+under products (a matrix group near the identity), stored by its free entries only.
+It holds no values: the values live in a flat *storage* tensor of shape
+``(*batch, numel)`` that the structure's methods read and write. Keeping the values
+in plain tensors makes optimizer state, checkpoints and collective communication
+trivial (they are just tensors), and the optional leading ``batch`` dimensions let
+several same-shaped layers share one batched operation.
+
+Shapes used throughout:
+    * ``data``: storage, ``(*batch, numel)``.
+    * ``x``: dense matrix that a structured matrix acts on, ``(*batch, dim, n)``.
+    * ``sym``: dense symmetric matrix, ``(*batch, dim, dim)``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+
+class Structure(ABC):
+    """A structured subspace of ``dim × dim`` matrices, closed under products.
+
+    Subclasses implement the operations that depend on the sparsity pattern; the
+    linear ones (add, scale, max-abs entry) act on the storage directly because
+    every stored value is an entry of the matrix.
+
+    Args:
+        dim: Matrix dimension ``d`` (≥ 1).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, dim: int) -> None:
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}.")
+        self.dim = dim
+
+    # ------------------------------------------------------------------ layout
+    @property
+    @abstractmethod
+    def numel(self) -> int:
+        """Number of stored entries."""
+
+    def options(self) -> dict:
+        """Structure options besides ``dim`` (e.g. the block size)."""
+        return {}
+
+    def __repr__(self) -> str:
+        opts = "".join(f", {k}={v}" for k, v in self.options().items())
+        return f"{type(self).__name__}(dim={self.dim}{opts})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            type(self) is type(other)
+            and self.dim == other.dim  # type: ignore[attr-defined]
+            and self.options() == other.options()  # type: ignore[attr-defined]
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.dim, tuple(sorted(self.options().items()))))
+
+    # ------------------------------------------------------------ constructors
+    def zeros(
+        self,
+        *batch: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """Storage of the zero matrix, shape ``(*batch, numel)``."""
+        return torch.zeros(*batch, self.numel, dtype=dtype, device=device)
+
+    def identity(
+        self,
+        *batch: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """Storage of the identity matrix, shape ``(*batch, numel)``."""
+        data = self.zeros(*batch, dtype=dtype, device=device)
+        self.add_identity_(data, 1.0)
+        return data
+
+    # ------------------------------------------------- structure-specific ops
+    @abstractmethod
+    def to_dense(self, data: Tensor) -> Tensor:
+        """The represented matrix, ``(*batch, dim, dim)`` (for tests and debugging)."""
+
+    @abstractmethod
+    def project(self, sym: Tensor) -> Tensor:
+        """Π(sym): the storage of the projection of a dense symmetric matrix."""
+
+    @abstractmethod
+    def matmul(self, data: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
+        """``S @ x`` (or ``Sᵀ @ x`` with ``transpose``) for dense ``x`` of shape
+        ``(*batch, dim, n)``; returns ``(*batch, dim, n)``."""
+
+    @abstractmethod
+    def compose(self, a: Tensor, b: Tensor) -> Tensor:
+        """Storage of the product ``A @ B`` of two matrices of this structure."""
+
+    @abstractmethod
+    def project_outer(self, y: Tensor) -> Tensor:
+        """Π(y yᵀ) for dense ``y`` of shape ``(*batch, dim, n)``, never forming
+        ``y yᵀ`` where the structure is sparse."""
+
+    @abstractmethod
+    def project_self_gram(self, data: Tensor) -> Tensor:
+        """Π(Sᵀ S) without a dense intermediate where the structure is sparse."""
+
+    @abstractmethod
+    def diagonal(self, data: Tensor) -> Tensor:
+        """The main diagonal of the matrix, ``(*batch, dim)``."""
+
+    @abstractmethod
+    def add_identity_(self, data: Tensor, alpha: float | Tensor) -> Tensor:
+        """In place: ``S ← S + alpha · I``. ``alpha`` may be a ``(*batch,)`` tensor."""
+
+    # ----------------------------------------------------------- derived ops
+    def project_gram(self, data: Tensor, x: Tensor) -> Tensor:
+        """Π(Sᵀ x xᵀ S) for dense ``x`` of shape ``(*batch, dim, n)``."""
+        return self.project_outer(self.matmul(data, x, transpose=True))
+
+    def average_trace(self, data: Tensor) -> Tensor:
+        """``trace(S) / dim``, shape ``(*batch,)``."""
+        return self.diagonal(data).mean(dim=-1)
+
+    @staticmethod
+    def max_abs(data: Tensor) -> Tensor:
+        """Largest absolute entry, shape ``(*batch,)``."""
+        return data.abs().amax(dim=-1)

@@ -1,0 +1,48 @@
+"""Dense matrices: the unstructured case (INGD)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from singd_lightning.structures.base import Structure
+
+
+class Dense(Structure):
+    """All ``d²`` entries are free; storage is the row-major flattened matrix."""
+
+    name = "dense"
+
+    @property
+    def numel(self) -> int:
+        return self.dim * self.dim
+
+    def _mat(self, data: Tensor) -> Tensor:
+        return data.unflatten(-1, (self.dim, self.dim))
+
+    def to_dense(self, data: Tensor) -> Tensor:
+        return self._mat(data).clone()
+
+    def project(self, sym: Tensor) -> Tensor:
+        return sym.flatten(-2).clone()
+
+    def matmul(self, data: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
+        mat = self._mat(data)
+        return (mat.mT if transpose else mat) @ x
+
+    def compose(self, a: Tensor, b: Tensor) -> Tensor:
+        return (self._mat(a) @ self._mat(b)).flatten(-2)
+
+    def project_outer(self, y: Tensor) -> Tensor:
+        return (y @ y.mT).flatten(-2)
+
+    def project_self_gram(self, data: Tensor) -> Tensor:
+        mat = self._mat(data)
+        return (mat.mT @ mat).flatten(-2)
+
+    def diagonal(self, data: Tensor) -> Tensor:
+        return data[..., :: self.dim + 1]
+
+    def add_identity_(self, data: Tensor, alpha: float | Tensor) -> Tensor:
+        diag = data[..., :: self.dim + 1]
+        diag.add_(alpha.unsqueeze(-1) if isinstance(alpha, Tensor) else alpha)
+        return data
