@@ -1,0 +1,8 @@
+"""singd-lightning: structured inverse-free natural gradient descent for PyTorch
+and PyTorch Lightning."""
+
+from singd_lightning.optim import IKFAC, INGD, KFAC, SINGD
+
+__version__ = "0.1.0"
+
+__all__ = ["SINGD", "INGD", "IKFAC", "KFAC", "__version__"]

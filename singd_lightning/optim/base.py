@@ -1,0 +1,494 @@
+"""Machinery shared by the Kronecker-factored optimizers (SINGD and KFAC).
+
+:class:`KroneckerOptimizer` finds the supported layers of a model, splits the
+parameters into Kronecker groups and first-order fallback groups, accumulates the
+curvature statistics that the :class:`~singd_lightning.optim.curvature.CurvatureCollector`
+produces, reduces them across data-parallel ranks in one collective per optimizer
+step, skips steps with non-finite values, and checkpoints everything as plain
+tensors keyed by module names. Subclasses only say what to compute from the
+statistics and how to precondition a gradient.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from singd_lightning.optim.curvature import (
+    SUPPORTED_MODULES,
+    CurvatureCollector,
+    KroneckerLayer,
+)
+from singd_lightning.optim.fallback import FALLBACK_STEPS
+from singd_lightning.optim.hyperparameters import (
+    dtype_from_name,
+    validate_kronecker_group,
+)
+
+_CALLABLE = "<callable>"  # stands for a schedule in a serialised parameter group
+
+FALLBACK_DEFAULTS = dict(
+    fallback="adamw",
+    fallback_lr=None,
+    fallback_betas=(0.9, 0.999),
+    fallback_eps=1e-8,
+    fallback_weight_decay=0.0,
+)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The inner module of (nested) ``DataParallel``/``DistributedDataParallel``."""
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+def _world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def non_finite(tensors: list[Tensor]) -> bool:
+    """Whether any tensor holds an inf or NaN (one synchronisation for all)."""
+    if not tensors:
+        return False
+    by_device: dict[tuple, list[Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault((t.device, t.dtype), []).append(t)
+    # The inf-norm (max |x|) of finite values is finite; inf and NaN propagate.
+    maxima = [
+        torch.stack(torch._foreach_norm(ts, float("inf"))).float().max().to("cpu", non_blocking=False)
+        for ts in by_device.values()
+    ]
+    return not bool(torch.isfinite(torch.stack(maxima)).all())
+
+
+class KroneckerOptimizer(Optimizer):
+    """Base class: layers, groups, fallback, statistics, skipping, checkpoints.
+
+    Args:
+        model: The model (a ``DataParallel``/``DistributedDataParallel`` wrapper is
+            unwrapped). Its ``nn.Linear`` and ``nn.Conv2d`` layers are preconditioned.
+        params: None (all trainable parameters of ``model``), an iterable of
+            parameters, or parameter groups (dicts) with their own hyper-parameters.
+        defaults: The subclass's hyper-parameters (validated per group).
+        fallback: First-order method for parameters outside supported layers:
+            ``"adamw"``, ``"sgd"`` or ``"none"`` (left frozen, with a warning).
+        fallback_lr: The fallback's learning rate; None uses the group's ``lr``.
+        fallback_betas: AdamW's ``(β1, β2)``.
+        fallback_eps: AdamW's ε.
+        fallback_weight_decay: The fallback's weight decay (decoupled for AdamW).
+        grad_scaler: A ``torch.amp.GradScaler`` used with this optimizer, so that
+            the curvature statistics are un-scaled exactly (see
+            :meth:`attach_grad_scaler`).
+        init_grad_scale: The loss scale expected in the first backward pass when
+            a scaler is attached later (only affects numerical range, not values).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[nn.Parameter] | Iterable[dict] | None,
+        defaults: dict[str, Any],
+        *,
+        fallback: str = "adamw",
+        fallback_lr: float | None = None,
+        fallback_betas: tuple[float, float] = (0.9, 0.999),
+        fallback_eps: float = 1e-8,
+        fallback_weight_decay: float = 0.0,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        init_grad_scale: float = 1.0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        model = unwrap_model(model)
+        defaults = dict(defaults)
+        defaults.update(
+            fallback=fallback,
+            fallback_lr=fallback_lr,
+            fallback_betas=fallback_betas,
+            fallback_eps=fallback_eps,
+            fallback_weight_decay=fallback_weight_decay,
+            role="kronecker",
+        )
+        validate_kronecker_group(defaults)
+        self._validate_group(defaults)
+        groups, frozen = self._split_groups(model, params, defaults)
+        if frozen:
+            warnings.warn(
+                "fallback='none': these parameters are outside nn.Linear/nn.Conv2d "
+                f"layers and will NOT be trained: {', '.join(frozen)}.",
+                stacklevel=3,
+            )
+        if not groups:
+            raise ValueError("params: found no parameter to optimize.")
+        super().__init__(groups, defaults)
+
+        self.steps = 0  # optimizer steps taken (skipped steps excluded)
+        self.skipped_steps = 0
+        self.grad_scaler = None
+        self._scale_hint = float(init_grad_scale)
+        self.layers = self._find_layers(model)
+        self.layer_state: dict[str, dict[str, Tensor]] = {}
+        for layer in self.layers:
+            self.layer_state[layer.name] = self._init_layer_state(layer)
+        # Per layer: [sum of n·Π(K-stat), sum of Π(C-stat)/N, Σn, ΣN] since the last step.
+        self._stats: dict[str, list] = {}
+        self.collector = CurvatureCollector(
+            self.layers,
+            sink=self._accumulate,
+            is_collecting=lambda layer: self.steps % layer.group["T"] == 0,
+            dtypes=self.preconditioner_dtypes,
+            grad_scale=lambda: self._scale_hint,
+        )
+        if grad_scaler is not None:
+            self.attach_grad_scaler(grad_scaler)
+
+    # ---------------------------------------------------------------- setup
+    def _validate_group(self, group: dict) -> None:
+        """Subclass hook: check (and normalise) method-specific hyper-parameters."""
+
+    def _split_groups(
+        self, model: nn.Module, params, defaults: dict
+    ) -> tuple[list[dict], list[str]]:
+        """Split each user group into a Kronecker group and a fallback group."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        layer_of: dict[int, tuple[nn.Module, str]] = {}
+        for module in model.modules():
+            if isinstance(module, SUPPORTED_MODULES):
+                layer_of[id(module.weight)] = (module, "weight")
+                if module.bias is not None:
+                    layer_of[id(module.bias)] = (module, "bias")
+        if params is None:
+            user_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        else:
+            params = list(params)
+            if params and isinstance(params[0], dict):
+                user_groups = [dict(g) for g in params]
+            else:
+                user_groups = [{"params": params}]
+        groups, frozen = [], []
+        for user_group in user_groups:
+            group_params = user_group["params"]
+            group_params = [group_params] if isinstance(group_params, Tensor) else list(group_params)
+            merged = {**defaults, **{k: v for k, v in user_group.items() if k != "params"}}
+            validate_kronecker_group(merged)
+            self._validate_group(merged)
+            ids = {id(p) for p in group_params}
+            kronecker, other = [], []
+            for p in group_params:
+                entry = layer_of.get(id(p))
+                # A bias is preconditioned with its weight only if both are in this group.
+                if entry is not None and (entry[1] == "weight" or id(entry[0].weight) in ids):
+                    kronecker.append(p)
+                else:
+                    other.append(p)
+            if kronecker:
+                groups.append({**merged, "params": kronecker, "role": "kronecker"})
+            if other and merged["fallback"] == "none":
+                frozen += [names.get(id(p), f"<unnamed {tuple(p.shape)}>") for p in other]
+            elif other:
+                fallback_group = {**merged, "params": other, "role": "fallback"}
+                if merged["fallback_lr"] is not None:
+                    fallback_group["lr"] = merged["fallback_lr"]
+                fallback_group["weight_decay"] = merged["fallback_weight_decay"]
+                groups.append(fallback_group)
+        return groups, frozen
+
+    def _find_layers(self, model: nn.Module) -> list[KroneckerLayer]:
+        in_group = {
+            id(p): index
+            for index, group in enumerate(self.param_groups)
+            if group["role"] == "kronecker"
+            for p in group["params"]
+        }
+        layers = []
+        for name, module in model.named_modules():
+            if isinstance(module, SUPPORTED_MODULES) and id(module.weight) in in_group:
+                index = in_group[id(module.weight)]
+                has_bias = module.bias is not None and in_group.get(id(module.bias)) == index
+                layers.append(KroneckerLayer(name, module, self.param_groups[index], has_bias, index))
+        return layers
+
+    def preconditioner_dtypes(self, layer: KroneckerLayer) -> tuple[torch.dtype, torch.dtype]:
+        """The (K, C) factor dtypes of ``layer`` (default: the weight's dtype)."""
+        dtype_k, dtype_c = layer.group["preconditioner_dtype"]
+        default = layer.weight.dtype
+        return dtype_from_name(dtype_k, default), dtype_from_name(dtype_c, default)
+
+    def attach_grad_scaler(self, grad_scaler: torch.amp.GradScaler | None) -> None:
+        """Use ``grad_scaler``'s loss scale to un-scale the curvature statistics.
+
+        Use the scaler as usual (``scaler.scale(loss).backward()``,
+        ``scaler.step(optimizer)``, ``scaler.update()``): it un-scales the
+        gradients and skips steps with infs; the optimizer un-scales its
+        statistics by the same scale.
+        """
+        self.grad_scaler = grad_scaler
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            self._scale_hint = float(grad_scaler.get_scale())
+
+    def _current_grad_scale(self) -> float:
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        return float(scaler.get_scale())
+
+    # ------------------------------------------------------------ subclass API
+    @abstractmethod
+    def _init_layer_state(self, layer: KroneckerLayer) -> dict[str, Tensor]:
+        """The initial factors of ``layer``."""
+
+    @abstractmethod
+    def _statistics(self, layer: KroneckerLayer, x_in: Tensor, x_out: Tensor) -> tuple[Tensor, Tensor]:
+        """What to accumulate from one pass: flat tensors from ``x_in`` and ``x_out``."""
+
+    @abstractmethod
+    def _update_preconditioner(self, layer: KroneckerLayer, stat_in: Tensor, stat_out: Tensor) -> dict[str, Tensor] | None:
+        """New layer state from the reduced statistics (``H_K``, ``H_C`` and their
+        dense analogues), or None to keep the current one. Must not modify state."""
+
+    @abstractmethod
+    def _precondition(self, layer: KroneckerLayer, grad: Tensor) -> Tensor:
+        """The preconditioned ``(d_o, d_K)`` gradient, in the gradient's dtype."""
+
+    # ------------------------------------------------------------ statistics
+    def _accumulate(self, layer: KroneckerLayer, x_in: Tensor, x_out: Tensor, n: int, num_terms: int) -> None:
+        stat_in, stat_out = self._statistics(layer, x_in, x_out)
+        acc_dtype = torch.float64 if torch.float64 in (stat_in.dtype, stat_out.dtype) else torch.float32
+        entry = self._stats.get(layer.name)
+        if entry is None:
+            entry = self._stats[layer.name] = [
+                torch.zeros(stat_in.shape, dtype=acc_dtype, device=stat_in.device),
+                torch.zeros(stat_out.shape, dtype=acc_dtype, device=stat_out.device),
+                0,
+                0,
+            ]
+        # Accumulate in (at least) float32: sums over many passes would overflow fp16.
+        entry[0].add_(stat_in, alpha=n)
+        entry[1].add_(stat_out, alpha=1.0 / num_terms)
+        entry[2] += n
+        # A summed loss (loss_average=None) has no number of terms to restore.
+        entry[3] += num_terms if layer.group["loss_average"] is not None else 0
+
+    def _clear_statistics(self) -> None:
+        self._stats.clear()
+
+    def _reduced_statistics(self, layers: list[KroneckerLayer]) -> dict[str, tuple[Tensor, Tensor]]:
+        """``(H_in, H_out)`` per layer with statistics, summed over all passes and
+        ranks, normalised as one pass over the joint batch would be (SPEC §1)."""
+        world = _world_size()
+        entries = {}
+        if world > 1:
+            entries = self._all_reduce(layers)
+        else:
+            entries = {layer.name: self._stats[layer.name] for layer in layers if layer.name in self._stats}
+        scale = self._current_grad_scale()
+        # The hooks divided output gradients by the scale hint; the remaining
+        # factor (and the data-parallel 1/W of the averaged gradient) goes here.
+        out_factor = (self._scale_hint / scale) ** 2 / world**2
+        reduced = {}
+        for layer in layers:
+            entry = entries.get(layer.name)
+            if entry is None or entry[2] == 0:
+                continue
+            acc_in, acc_out, n, num_terms = entry
+            dtype_k, dtype_c = self.preconditioner_dtypes(layer)
+            h_in = (acc_in / n).to(dtype_k)
+            h_out = (acc_out * (max(num_terms, 1) * out_factor)).to(dtype_c)
+            reduced[layer.name] = (h_in, h_out)
+        return reduced
+
+    def _all_reduce(self, layers: list[KroneckerLayer]) -> dict[str, list]:
+        """Sum the statistics of all ``layers`` over ranks in one flat collective."""
+        pieces, shapes = [], []
+        device = layers[0].weight.device
+        for layer in layers:
+            entry = self._stats.get(layer.name)
+            numel_in, numel_out = self._statistics_numel(layer)
+            if entry is None:
+                pieces += [torch.zeros(numel_in + numel_out + 2, device=device, dtype=torch.float64)]
+            else:
+                counts = torch.tensor([entry[2], entry[3]], dtype=torch.float64, device=device)
+                pieces += [entry[0].double().flatten(), entry[1].double().flatten(), counts]
+            shapes.append((numel_in, numel_out))
+        flat = torch.cat(pieces)
+        dist.all_reduce(flat)
+        out, offset = {}, 0
+        for layer, (numel_in, numel_out) in zip(layers, shapes):
+            acc_in = flat[offset:offset + numel_in]
+            acc_out = flat[offset + numel_in:offset + numel_in + numel_out]
+            n, num_terms = flat[offset + numel_in + numel_out:offset + numel_in + numel_out + 2].tolist()
+            offset += numel_in + numel_out + 2
+            out[layer.name] = [acc_in, acc_out, n, num_terms]
+        return out
+
+    @abstractmethod
+    def _statistics_numel(self, layer: KroneckerLayer) -> tuple[int, int]:
+        """Sizes of the two accumulated statistics of ``layer``."""
+
+    # ------------------------------------------------------------------ step
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients and drop statistics of a step that was not taken
+        (e.g. one a loss scaler skipped because of infs)."""
+        super().zero_grad(set_to_none=set_to_none)
+        self._clear_statistics()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Update the preconditioner (every ``T`` steps) and the parameters.
+
+        Args:
+            closure: Re-evaluates the model and returns the loss; called with
+                gradients enabled (as Lightning's automatic optimisation does).
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        stats = [t for entry in self._stats.values() for t in entry[:2]]
+        if non_finite(grads + stats):
+            # An invalid step changes nothing: factors, momenta, counters stay.
+            self._clear_statistics()
+            self.skipped_steps += 1
+            warnings.warn("Non-finite gradients or curvature statistics: step skipped.")
+            return loss
+
+        due = [layer for layer in self.layers if self.steps % layer.group["T"] == 0]
+        if due:
+            self._update_preconditioners(due)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["role"] == "kronecker":
+                self._kronecker_step(group, params)
+            else:
+                FALLBACK_STEPS[group["fallback"]](params, self.state, group)
+        self._clear_statistics()
+        self._scale_hint = self._current_grad_scale() if self.grad_scaler is not None else self._scale_hint
+        self.steps += 1
+        return loss
+
+    def _update_preconditioners(self, layers: list[KroneckerLayer]) -> None:
+        reduced = self._reduced_statistics(layers)
+        updates = []
+        for layer in layers:
+            if layer.name in reduced:
+                new_state = self._update_preconditioner(layer, *reduced[layer.name])
+                if new_state is not None:
+                    updates.append((layer, new_state))
+        if not updates:
+            return
+        # One synchronisation decides which updates are valid; invalid ones
+        # (overflow in low precision) leave that layer's state untouched.
+        finite = torch.stack([
+            torch.stack([torch.isfinite(t).all() for t in new_state.values()]).all()
+            for _, new_state in updates
+        ]).tolist()
+        for (layer, new_state), ok in zip(updates, finite):
+            if ok:
+                state = self.layer_state[layer.name]
+                for key, value in new_state.items():
+                    state[key] = value
+            else:
+                self.rejected_preconditioner_updates = getattr(self, "rejected_preconditioner_updates", 0) + 1
+
+    def _kronecker_step(self, group: dict, params: list[nn.Parameter]) -> None:
+        with_grad = {id(p) for p in params}
+        updates, targets = [], []
+        for layer in self.layers:
+            if layer.group is not group or id(layer.weight) not in with_grad:
+                continue
+            grad = layer.gradient_matrix()
+            natural = self._precondition(layer, grad)
+            for p, d in zip(layer.params, layer.split(natural)):
+                targets.append(p)
+                updates.append(d)
+        if not targets:
+            return
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        if weight_decay != 0.0:
+            torch._foreach_add_(updates, targets, alpha=weight_decay)
+        if momentum != 0.0:
+            buffers = []
+            for p, d in zip(targets, updates):
+                st = self.state[p]
+                if "momentum_buffer" not in st:
+                    st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                buffers.append(st["momentum_buffer"])
+            torch._foreach_mul_(buffers, momentum)
+            torch._foreach_add_(buffers, updates)
+            updates = buffers
+        torch._foreach_add_(targets, updates, alpha=-lr)
+
+    # ---------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """PyTorch's optimizer state plus the factors, keyed by module names.
+
+        Holds only tensors, Python scalars and strings, so it loads with
+        ``torch.load(..., weights_only=True)``. Schedules (callables) in parameter
+        groups are stored as a placeholder and kept from the loading optimizer.
+        """
+        state = super().state_dict()
+        for group in state["param_groups"]:
+            for key, value in group.items():
+                if callable(value):
+                    group[key] = _CALLABLE
+        state["kronecker"] = {
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "grad_scale_hint": self._scale_hint,
+            "layers": {name: dict(layer_state) for name, layer_state in self.layer_state.items()},
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        kronecker = state_dict.pop("kronecker", None)
+        if kronecker is None:
+            raise ValueError("state_dict has no 'kronecker' entry: not a state of this optimizer.")
+        callables = [{k: v for k, v in g.items() if callable(v)} for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, saved in zip(self.param_groups, callables):
+            for key, value in saved.items():
+                if group.get(key) == _CALLABLE:
+                    group[key] = value
+        for layer in self.layers:
+            layer.group = self.param_groups[layer.group_index]
+        missing = set(self.layer_state) - set(kronecker["layers"])
+        if missing:
+            raise ValueError(f"state_dict lacks the factors of layers {sorted(missing)}.")
+        for name, saved in kronecker["layers"].items():
+            if name not in self.layer_state:
+                raise ValueError(f"state_dict has factors of unknown layer {name!r}.")
+            current = self.layer_state[name]
+            reference = next(iter(current.values()))
+            self.layer_state[name] = {
+                key: value.to(device=reference.device, dtype=current[key].dtype if key in current else value.dtype)
+                for key, value in saved.items()
+            }
+        self.steps = int(kronecker["steps"])
+        self.skipped_steps = int(kronecker["skipped_steps"])
+        self._scale_hint = float(kronecker["grad_scale_hint"])
+        self._clear_statistics()
+
+    def remove_hooks(self) -> None:
+        """Detach the optimizer's hooks from the model."""
+        CurvatureCollector.remove(self.layers)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self.layers)} Kronecker layers, {len(self.param_groups)} groups)"
+
+
+__all__ = ["KroneckerOptimizer", "unwrap_model", "non_finite", "FALLBACK_DEFAULTS"]

@@ -1,0 +1,82 @@
+"""First-order updates for parameters the Kronecker methods do not cover.
+
+Norm layers, embeddings, positional embeddings, class tokens and any other
+parameter outside ``nn.Linear``/``nn.Conv2d`` are trained by AdamW (default) or SGD
+inside the same optimizer object, so that Lightning sees one optimizer. The updates
+use multi-tensor (``foreach``) kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def adamw_step(params: list[Tensor], state: dict, group: dict) -> None:
+    """One decoupled-weight-decay Adam step for the parameters that have a gradient.
+
+    Args:
+        params: Parameters of one fallback group, all with ``.grad``.
+        state: The optimizer's per-parameter state (``exp_avg``, ``exp_avg_sq``,
+            ``step``).
+        group: The parameter group (``lr``, ``weight_decay``, ``fallback_betas``,
+            ``fallback_eps``).
+    """
+    if not params:
+        return
+    lr, weight_decay = group["lr"], group["weight_decay"]
+    beta1, beta2 = group["fallback_betas"]
+    eps = group["fallback_eps"]
+    grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
+    for p in params:
+        st = state[p]
+        if "exp_avg" not in st:
+            st["step"] = torch.tensor(0.0)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["step"] += 1
+        grads.append(p.grad)
+        exp_avgs.append(st["exp_avg"])
+        exp_avg_sqs.append(st["exp_avg_sq"])
+        steps.append(int(st["step"].item()))
+    if weight_decay != 0.0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, [math.sqrt(1.0 - beta2**t) for t in steps])
+    torch._foreach_add_(denoms, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denoms, [-lr / (1.0 - beta1**t) for t in steps])
+
+
+def sgd_step(params: list[Tensor], state: dict, group: dict) -> None:
+    """One SGD step with (heavy-ball) momentum and L2 weight decay.
+
+    Args:
+        params: Parameters of one fallback group, all with ``.grad``.
+        state: The optimizer's per-parameter state (``momentum_buffer``).
+        group: The parameter group (``lr``, ``momentum``, ``weight_decay``).
+    """
+    if not params:
+        return
+    lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+    updates = [p.grad for p in params]
+    if weight_decay != 0.0:
+        updates = torch._foreach_add(updates, params, alpha=weight_decay)
+    if momentum != 0.0:
+        bufs = []
+        for p, update in zip(params, updates):
+            st = state[p]
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs.append(st["momentum_buffer"])
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, updates)
+        updates = bufs
+    torch._foreach_add_(params, updates, alpha=-lr)
+
+
+FALLBACK_STEPS = {"adamw": adamw_step, "sgd": sgd_step}

@@ -1,0 +1,119 @@
+"""Dense KFAC with explicit damped inverses: the baseline SINGD is compared to."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from singd_lightning.optim.base import KroneckerOptimizer
+from singd_lightning.optim.curvature import KroneckerLayer
+from singd_lightning.optim.hyperparameters import check_range
+
+
+class KFAC(KroneckerOptimizer):
+    """KFAC: EMAs of ``AᵀA`` and ``GᵀG``, inverted every ``T`` steps.
+
+    The update is ``D = (GᵀG + √λ I)⁻¹ Ĝ (AᵀA + √λ I)⁻¹``, followed by the same
+    weight decay and momentum as :class:`~singd_lightning.SINGD`. The inverses are
+    computed in float32 (``torch.linalg`` has no half-precision inverse) and stored
+    in the preconditioner dtype, which is where low-precision KFAC loses accuracy.
+    A factor whose inverse is not finite keeps its previous inverse.
+
+    Args:
+        model: The model; DataParallel/DistributedDataParallel wrappers are unwrapped.
+        params: None, parameters, or parameter groups.
+        lr: Learning rate.
+        momentum: Momentum on the updates, in [0, 1).
+        damping: λ; each factor is damped by √λ.
+        weight_decay: L2 weight decay added to the preconditioned gradient.
+        T: Collect statistics and refresh the inverses every ``T`` steps.
+        stat_decay: EMA factor of the Kronecker factors, in [0, 1).
+        kfac_approx: ``"expand"`` or ``"reduce"``.
+        loss_average: ``"batch"``, ``"batch+sequence"`` or None.
+        preconditioner_dtype: ``(A's, G's)`` dtype; None means the weight's dtype.
+        **kwargs: Fallback and loss-scaler options.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[nn.Parameter] | Iterable[dict] | None = None,
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        damping: float = 1e-3,
+        weight_decay: float = 0.0,
+        T: int = 10,
+        stat_decay: float = 0.95,
+        kfac_approx: str = "expand",
+        loss_average: str | None = "batch",
+        preconditioner_dtype: tuple = (None, None),
+        **kwargs,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            damping=damping,
+            weight_decay=weight_decay,
+            T=T,
+            stat_decay=stat_decay,
+            kfac_approx=kfac_approx,
+            loss_average=loss_average,
+            preconditioner_dtype=preconditioner_dtype,
+        )
+        super().__init__(model, params, defaults, **kwargs)
+
+    def _validate_group(self, group: dict) -> None:
+        check_range("stat_decay", group["stat_decay"], 0.0, 1.0)
+
+    def _init_layer_state(self, layer: KroneckerLayer) -> dict[str, Tensor]:
+        dtype_a, dtype_g = self.preconditioner_dtypes(layer)
+        device = layer.weight.device
+        return {
+            "A": torch.zeros(layer.dim_in, layer.dim_in, dtype=dtype_a, device=device),
+            "G": torch.zeros(layer.dim_out, layer.dim_out, dtype=dtype_g, device=device),
+            "A_inv": torch.eye(layer.dim_in, dtype=dtype_a, device=device),
+            "G_inv": torch.eye(layer.dim_out, dtype=dtype_g, device=device),
+            "updates": torch.zeros((), dtype=torch.int64),
+        }
+
+    def _statistics_numel(self, layer: KroneckerLayer) -> tuple[int, int]:
+        return layer.dim_in**2, layer.dim_out**2
+
+    def _statistics(self, layer: KroneckerLayer, x_in: Tensor, x_out: Tensor) -> tuple[Tensor, Tensor]:
+        return (x_in @ x_in.mT).flatten(), (x_out @ x_out.mT).flatten()
+
+    def _update_preconditioner(self, layer: KroneckerLayer, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+        state = self.layer_state[layer.name]
+        decay = layer.group["stat_decay"]
+        first = int(state["updates"]) == 0
+        a = a.view_as(state["A"])
+        g = g.view_as(state["G"])
+        new_a = a if first else state["A"] * decay + a * (1.0 - decay)
+        new_g = g if first else state["G"] * decay + g * (1.0 - decay)
+        root_damping = math.sqrt(layer.group["damping"])
+        return {
+            "A": new_a,
+            "G": new_g,
+            "A_inv": _damped_inverse(new_a, root_damping),
+            "G_inv": _damped_inverse(new_g, root_damping),
+            "updates": state["updates"] + 1,
+        }
+
+    def _precondition(self, layer: KroneckerLayer, grad: Tensor) -> Tensor:
+        state = self.layer_state[layer.name]
+        x = grad.to(state["A_inv"].dtype) @ state["A_inv"]
+        x = state["G_inv"] @ x.to(state["G_inv"].dtype)
+        return x.to(grad.dtype)
+
+
+def _damped_inverse(mat: Tensor, damping: float) -> Tensor:
+    """``(mat + damping·I)⁻¹`` computed in float32 or better, in ``mat``'s dtype."""
+    work = mat.to(torch.promote_types(mat.dtype, torch.float32))
+    work = work + damping * torch.eye(mat.shape[0], dtype=work.dtype, device=work.device)
+    inverse, info = torch.linalg.inv_ex(work)
+    if int(info) != 0:
+        inverse = torch.full_like(work, float("nan"))  # rejected by the finite check
+    return inverse.to(mat.dtype)

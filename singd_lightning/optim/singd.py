@@ -1,0 +1,222 @@
+"""SINGD: structured inverse-free natural gradient descent (SPEC §1), with its
+special cases INGD (dense factors) and IKFAC (``kfac_like=True``)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from singd_lightning.optim.base import KroneckerOptimizer
+from singd_lightning.optim.curvature import KroneckerLayer
+from singd_lightning.optim.hyperparameters import check_range, resolve_lr_cov
+from singd_lightning.structures import Structure, StructureSpec, resolve_structure
+
+
+def _structure_pair(structures) -> tuple:
+    if isinstance(structures, (str, Mapping)) or not isinstance(structures, Sequence):
+        structures = (structures, structures)
+    if len(structures) != 2:
+        raise ValueError(
+            f"structures must be a pair (K's structure, C's structure), got {structures!r}."
+        )
+    return tuple(structures)
+
+
+class SINGD(KroneckerOptimizer):
+    """Structured inverse-free natural gradient descent (Lin, Dangel et al., 2024).
+
+    Preconditions every ``nn.Linear``/``nn.Conv2d`` of ``model`` with
+    ``(K Kᵀ) ⊗ (C Cᵀ)``, where the factors ``K`` (``d_K × d_K``) and ``C``
+    (``d_o × d_o``) live in sparse matrix groups and are updated without any
+    inversion; all other trainable parameters are trained by a first-order
+    fallback (AdamW by default) inside this same optimizer.
+
+    Args:
+        model: The model; DataParallel/DistributedDataParallel wrappers are unwrapped.
+        params: None (every trainable parameter), parameters, or parameter groups
+            (dicts that may override any hyper-parameter below, ``structures``
+            included).
+        lr: β₂, the parameter learning rate.
+        momentum: α₂, momentum on the parameter updates, in [0, 1).
+        damping: λ, damping of the factor updates.
+        alpha1: α₁, Riemannian momentum of the factor updates, in [0, 1).
+        weight_decay: γ, L2 weight decay added to the preconditioned gradient.
+        T: Update the factors every ``T`` steps (statistics are only collected then).
+        lr_cov: β₁, the factor learning rate: a float or a callable ``step -> float``.
+        structures: ``(K's, C's)`` structure: names such as ``"diagonal"``,
+            ``"block_diagonal"``, ``"hierarchical"``, ``"tril_toeplitz"`` (reference
+            aliases like ``"block30diagonal"`` work), or mappings with options,
+            e.g. ``{"name": "block_diagonal", "block_size": 32}``. A single value
+            applies to both.
+        kfac_like: IKFAC: drop the trace scaling and Riemannian momentum (α₁ = 0).
+        kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing dimensions.
+        loss_average: ``"batch"``, ``"batch+sequence"`` or None (summed loss).
+        normalize_lr_cov: Normalised factor steps: β₁ / max(1, max|m|).
+        preconditioner_dtype: ``(K's, C's)`` dtype; None means the weight's dtype.
+        **kwargs: Fallback and loss-scaler options of
+            :class:`~singd_lightning.optim.base.KroneckerOptimizer`.
+
+    Example:
+        >>> optimizer = SINGD(model, lr=1e-3, structures=("diagonal", "diagonal"))
+        >>> loss_fn(model(x), y).backward()
+        >>> optimizer.step()
+        >>> optimizer.zero_grad()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[nn.Parameter] | Iterable[dict] | None = None,
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        damping: float = 1e-3,
+        alpha1: float = 0.5,
+        weight_decay: float = 0.0,
+        T: int = 10,
+        lr_cov: float | Callable[[int], float] = 1e-2,
+        structures: tuple[StructureSpec, StructureSpec] | StructureSpec = ("dense", "dense"),
+        kfac_like: bool = False,
+        kfac_approx: str = "expand",
+        loss_average: str | None = "batch",
+        normalize_lr_cov: bool = False,
+        preconditioner_dtype: tuple = (None, None),
+        **kwargs,
+    ) -> None:
+        self._layouts: dict[str, tuple[Structure, Structure]] = {}
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            damping=damping,
+            alpha1=alpha1,
+            weight_decay=weight_decay,
+            T=T,
+            lr_cov=lr_cov,
+            structures=structures,
+            kfac_like=kfac_like,
+            kfac_approx=kfac_approx,
+            loss_average=loss_average,
+            normalize_lr_cov=normalize_lr_cov,
+            preconditioner_dtype=preconditioner_dtype,
+        )
+        super().__init__(model, params, defaults, **kwargs)
+
+    def _validate_group(self, group: dict) -> None:
+        check_range("alpha1", group["alpha1"], 0.0, 1.0)
+        lr_cov = group["lr_cov"]
+        if not callable(lr_cov):
+            check_range("lr_cov", lr_cov, 0.0)
+        pair = _structure_pair(group["structures"])
+        # Keep plain names/dicts in the group so that state_dicts stay weights-only;
+        # resolving raises a ValueError listing the valid names.
+        group["structures"] = tuple(
+            spec if isinstance(spec, str) else {"name": factory.name, **factory.options}
+            for spec, factory in ((spec, resolve_structure(spec)) for spec in pair)
+        )
+        if group["kfac_like"] and group["alpha1"] != 0.0:
+            warnings.warn(
+                f"kfac_like=True (IKFAC) uses no Riemannian momentum: alpha1={group['alpha1']} "
+                "is set to 0.",
+                stacklevel=4,
+            )
+            group["alpha1"] = 0.0
+
+    # ----------------------------------------------------------- structures
+    def layouts(self, layer: KroneckerLayer) -> tuple[Structure, Structure]:
+        """The (K, C) structure layouts of ``layer``."""
+        layouts = self._layouts.get(layer.name)
+        if layouts is None:
+            spec_k, spec_c = layer.group["structures"]
+            layouts = (resolve_structure(spec_k)(layer.dim_in), resolve_structure(spec_c)(layer.dim_out))
+            self._layouts[layer.name] = layouts
+        return layouts
+
+    def _init_layer_state(self, layer: KroneckerLayer) -> dict[str, Tensor]:
+        layout_k, layout_c = self.layouts(layer)
+        dtype_k, dtype_c = self.preconditioner_dtypes(layer)
+        device = layer.weight.device
+        state = {
+            "K": layout_k.identity(dtype=dtype_k, device=device),
+            "C": layout_c.identity(dtype=dtype_c, device=device),
+        }
+        if layer.group["alpha1"] != 0.0:
+            state["m_K"] = layout_k.zeros(dtype=dtype_k, device=device)
+            state["m_C"] = layout_c.zeros(dtype=dtype_c, device=device)
+        return state
+
+    def _statistics_numel(self, layer: KroneckerLayer) -> tuple[int, int]:
+        layout_k, layout_c = self.layouts(layer)
+        return layout_k.numel, layout_c.numel
+
+    def _statistics(self, layer: KroneckerLayer, x_in: Tensor, x_out: Tensor) -> tuple[Tensor, Tensor]:
+        layout_k, layout_c = self.layouts(layer)
+        state = self.layer_state[layer.name]
+        return layout_k.project_gram(state["K"], x_in), layout_c.project_gram(state["C"], x_out)
+
+    # --------------------------------------------------------------- update
+    def _update_preconditioner(self, layer: KroneckerLayer, h_k: Tensor, h_c: Tensor) -> dict[str, Tensor]:
+        group = layer.group
+        layout_k, layout_c = self.layouts(layer)
+        state = self.layer_state[layer.name]
+        K, C = state["K"], state["C"]
+        damping, alpha1 = group["damping"], group["alpha1"]
+        ktk = layout_k.project_self_gram(K)
+        ctc = layout_c.project_self_gram(C)
+        if group["kfac_like"]:
+            m_k = h_k.add(ktk, alpha=damping)
+            m_c = h_c.add(ctc, alpha=damping)
+        else:
+            # τ(·) are 0-dim tensors: no host synchronisation.
+            tr_hk, tr_hc = layout_k.average_trace(h_k), layout_c.average_trace(h_c)
+            tr_ktk, tr_ctc = layout_k.average_trace(ktk), layout_c.average_trace(ctc)
+            m_k = h_k * tr_hc.to(h_k.dtype) + ktk * (damping * tr_ctc).to(ktk.dtype)
+            m_c = h_c * tr_hk.to(h_c.dtype) + ctc * (damping * tr_ktk).to(ctc.dtype)
+        layout_k.add_identity_(m_k, -1.0)
+        layout_c.add_identity_(m_c, -1.0)
+        half = 0.5 * (1.0 - alpha1) if group["normalize_lr_cov"] else 0.5
+        m_k.mul_(half)
+        m_c.mul_(half)
+        new_state = {}
+        if alpha1 != 0.0:
+            m_k.add_(state["m_K"], alpha=alpha1)
+            m_c.add_(state["m_C"], alpha=alpha1)
+            new_state["m_K"], new_state["m_C"] = m_k, m_c
+        beta = resolve_lr_cov(group["lr_cov"], self.steps)
+        beta_k = beta_c = beta
+        if group["normalize_lr_cov"]:
+            beta_k = beta / layout_k.max_abs(m_k).clamp(min=1.0)
+            beta_c = beta / layout_c.max_abs(m_c).clamp(min=1.0)
+        # K ← K − β₁ K m_K: a first-order step of K exp(−β₁ m_K), stays in the group.
+        new_state["K"] = K - layout_k.compose(K, m_k) * beta_k
+        new_state["C"] = C - layout_c.compose(C, m_c) * beta_c
+        return new_state
+
+    def _precondition(self, layer: KroneckerLayer, grad: Tensor) -> Tensor:
+        layout_k, layout_c = self.layouts(layer)
+        state = self.layer_state[layer.name]
+        K, C = state["K"], state["C"]
+        # Ĝ K Kᵀ = (K (Kᵀ Ĝᵀ))ᵀ, then C (Cᵀ ·): only structured products.
+        x = grad.mT.to(K.dtype)
+        x = layout_k.matmul(K, layout_k.matmul(K, x, transpose=True))
+        x = x.mT.to(C.dtype)
+        x = layout_c.matmul(C, layout_c.matmul(C, x, transpose=True))
+        return x.to(grad.dtype)
+
+
+class INGD(SINGD):
+    """INGD (Lin et al., ICML 2023): SINGD with dense factors."""
+
+    def __init__(self, model: nn.Module, params=None, **kwargs) -> None:
+        kwargs.setdefault("structures", ("dense", "dense"))
+        super().__init__(model, params, **kwargs)
+
+
+class IKFAC(SINGD):
+    """IKFAC: the inverse-free KFAC of the SINGD paper (``kfac_like=True``, α₁ = 0)."""
+
+    def __init__(self, model: nn.Module, params=None, **kwargs) -> None:
+        kwargs["kfac_like"] = True
+        kwargs.setdefault("alpha1", 0.0)
+        super().__init__(model, params, **kwargs)
