@@ -1,0 +1,117 @@
+"""Optimizer factories for ``LightningModule.configure_optimizers``.
+
+:func:`configure_singd` builds SINGD (or any of its relatives) on a module and
+returns what Lightning expects, optionally with an LR scheduler;
+:func:`build_optimizer` is the general form used by the experiment app, which
+also builds the first-order baselines by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Union
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from singd_lightning.optim import IKFAC, INGD, KFAC, SINGD, KroneckerOptimizer
+
+KRONECKER_OPTIMIZERS: dict[str, type[KroneckerOptimizer]] = {
+    "singd": SINGD,
+    "ingd": INGD,
+    "ikfac": IKFAC,
+    "kfac": KFAC,
+}
+FIRST_ORDER_OPTIMIZERS: dict[str, type[Optimizer]] = {
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+OPTIMIZER_NAMES = (*KRONECKER_OPTIMIZERS, *FIRST_ORDER_OPTIMIZERS)
+
+SchedulerSpec = Union[
+    Callable[[Optimizer], LRScheduler],  # e.g. functools.partial(StepLR, step_size=10)
+    Mapping[str, Any],  # Lightning's lr_scheduler config with a callable "scheduler"
+    None,
+]
+
+
+def build_optimizer(module: nn.Module, name: str | type = "singd", **options: Any) -> Optimizer:
+    """Build an optimizer by name for ``module``.
+
+    Args:
+        module: The model (a ``LightningModule`` or any ``nn.Module``).
+        name: One of ``singd``, ``ingd``, ``ikfac``, ``kfac``, ``adamw``, ``sgd``, or
+            an optimizer class (a Kronecker class receives ``module``, any other
+            class the trainable parameters).
+        **options: The optimizer's keyword arguments.
+
+    Raises:
+        ValueError: For an unknown name, listing the valid ones.
+    """
+    if isinstance(name, str):
+        key = name.lower()
+        if key in KRONECKER_OPTIMIZERS:
+            cls: type = KRONECKER_OPTIMIZERS[key]
+        elif key in FIRST_ORDER_OPTIMIZERS:
+            cls = FIRST_ORDER_OPTIMIZERS[key]
+        else:
+            raise ValueError(f"Unknown optimizer {name!r}. Valid names: {', '.join(OPTIMIZER_NAMES)}.")
+    else:
+        cls = name
+    if isinstance(cls, type) and issubclass(cls, KroneckerOptimizer):
+        return cls(module, **options)
+    return cls([p for p in module.parameters() if p.requires_grad], **options)
+
+
+def _scheduler_config(optimizer: Optimizer, scheduler: SchedulerSpec) -> dict[str, Any] | None:
+    if scheduler is None:
+        return None
+    if isinstance(scheduler, Mapping):
+        config = dict(scheduler)
+        factory = config["scheduler"]
+        config["scheduler"] = factory(optimizer) if callable(factory) and not isinstance(factory, LRScheduler) else factory
+        return config
+    if not callable(scheduler):
+        raise ValueError(
+            "scheduler must be a callable optimizer -> LRScheduler (e.g. functools.partial("
+            f"StepLR, step_size=10)) or a Lightning lr_scheduler dict, got {scheduler!r}."
+        )
+    return {"scheduler": scheduler(optimizer), "interval": "epoch"}
+
+
+def configure_singd(
+    module: nn.Module,
+    optimizer: str | type = "singd",
+    scheduler: SchedulerSpec = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Build SINGD (or ``optimizer``) on ``module``, in the format Lightning expects.
+
+    Call it from ``configure_optimizers``::
+
+        def configure_optimizers(self):
+            return configure_singd(
+                self, structures=("diagonal", "diagonal"), lr=1e-3,
+                scheduler=functools.partial(CosineAnnealingLR, T_max=100),
+            )
+
+    It works with manual optimisation too (``self.optimizers()`` returns it).
+
+    Args:
+        module: The LightningModule.
+        optimizer: Name or class, see :func:`build_optimizer`.
+        scheduler: A callable that builds an LR scheduler from the optimizer, or a
+            Lightning ``lr_scheduler`` dict whose ``"scheduler"`` is such a callable.
+        **options: The optimizer's keyword arguments.
+
+    Returns:
+        ``{"optimizer": ..., "lr_scheduler": {...}}`` (no scheduler key without one).
+    """
+    built = build_optimizer(module, optimizer, **options)
+    config: dict[str, Any] = {"optimizer": built}
+    lr_scheduler = _scheduler_config(built, scheduler)
+    if lr_scheduler is not None:
+        config["lr_scheduler"] = lr_scheduler
+    return config
