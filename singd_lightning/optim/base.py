@@ -134,6 +134,11 @@ class KroneckerOptimizer(Optimizer):
 
         self.steps = 0  # optimizer steps taken (skipped steps excluded)
         self.skipped_steps = 0
+        self.rejected_preconditioner_updates = 0
+        # Per layer, numbers describing the latest accepted preconditioner update
+        # (only with ``track_diagnostics``: they cost extra products).
+        self.track_diagnostics = False
+        self.last_diagnostics: dict[str, dict[str, Tensor]] = {}
         self.grad_scaler = None
         self._scale_hint = float(init_grad_scale)
         self.layers = self._find_layers(model)
@@ -396,13 +401,25 @@ class KroneckerOptimizer(Optimizer):
             torch.stack([torch.isfinite(t).all() for t in new_state.values()]).all()
             for _, new_state in updates
         ]).tolist()
+        diagnostics = {}
         for (layer, new_state), ok in zip(updates, finite):
-            if ok:
-                state = self.layer_state[layer.name]
-                for key, value in new_state.items():
-                    state[key] = value
-            else:
-                self.rejected_preconditioner_updates = getattr(self, "rejected_preconditioner_updates", 0) + 1
+            state = self.layer_state[layer.name]
+            if not ok:
+                self.rejected_preconditioner_updates += 1
+                continue
+            if self.track_diagnostics:
+                diagnostics[layer.name] = self._layer_diagnostics(layer, state, new_state)
+            state.update(new_state)
+        self.last_diagnostics = diagnostics
+
+    def _layer_diagnostics(self, layer: KroneckerLayer, old: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Cheap per-layer numbers of an accepted preconditioner update (0-dim
+        tensors, read only when logged): by default the norm of each factor's change."""
+        return {
+            f"update_norm_{key}": (new[key].float() - old[key].float()).norm()
+            for key in new
+            if key in old and new[key].is_floating_point() and not key.startswith("m_")
+        }
 
     def _kronecker_step(self, group: dict, params: list[nn.Parameter]) -> None:
         with_grad = {id(p) for p in params}

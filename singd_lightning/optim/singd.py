@@ -193,6 +193,14 @@ class SINGD(KroneckerOptimizer):
         new_state["C"] = C - layout_c.compose(C, m_c) * beta_c
         return new_state
 
+    def _layer_diagnostics(self, layer, old, new):
+        diagnostics = super()._layer_diagnostics(layer, old, new)
+        layout_k, layout_c = self.layouts(layer)
+        # τ(K Kᵀ) = ‖K‖²_F / d = τ(Π(Kᵀ K)): every projection keeps the trace.
+        diagnostics["tau_KKt"] = layout_k.average_trace(layout_k.project_self_gram(new["K"])).float()
+        diagnostics["tau_CCt"] = layout_c.average_trace(layout_c.project_self_gram(new["C"])).float()
+        return diagnostics
+
     def _precondition(self, layer: KroneckerLayer, grad: Tensor) -> Tensor:
         layout_k, layout_c = self.layouts(layer)
         state = self.layer_state[layer.name]
