@@ -1,0 +1,69 @@
+"""The input and output-gradient matrices of SPEC §1 against autograd: for a
+summed loss and the expand approximation, ``Gᵀ A`` is exactly the weight gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from singd_lightning.optim.curvature import KroneckerLayer, input_matrix, output_gradient_matrix
+
+
+def _check(module: nn.Module, x: torch.Tensor) -> None:
+    layer = KroneckerLayer("layer", module, group={}, has_bias=module.bias is not None)
+    out = module(x)
+    out.retain_grad()
+    out.square().sum().backward()
+    a_t, n = input_matrix(layer, x.detach(), "expand")
+    g_t, _ = output_gradient_matrix(layer, out.grad, "expand", None)
+    expected = layer.gradient_matrix()
+    torch.testing.assert_close(g_t @ a_t.T, expected)
+    assert n == a_t.shape[1] == g_t.shape[1]
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(),
+        dict(stride=2, padding=1, bias=False),
+        dict(padding="same", dilation=2),
+        dict(kernel_size=(2, 4), padding="same"),  # asymmetric "same" padding
+        dict(padding="valid", stride=(2, 3)),
+        dict(padding=(1, 2), dilation=(2, 1)),
+        dict(padding=1, padding_mode="reflect"),
+        dict(padding=2, padding_mode="circular", stride=2),
+    ],
+)
+def test_conv2d_patches_reproduce_weight_gradient(conv):
+    torch.manual_seed(0)
+    conv = {"kernel_size": 3, **conv}
+    module = nn.Conv2d(3, 5, **conv).double()
+    _check(module, torch.randn(2, 3, 9, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(7, 4), (3, 5, 4), (2, 3, 2, 4), (4,)])
+def test_linear_rows_reproduce_weight_gradient(shape):
+    torch.manual_seed(0)
+    module = nn.Linear(4, 3).double()
+    _check(module, torch.randn(*shape, dtype=torch.float64))
+
+
+def test_reduce_averages_inputs_and_sums_gradients():
+    torch.manual_seed(0)
+    module = nn.Linear(4, 3)
+    layer = KroneckerLayer("layer", module, group={}, has_bias=True)
+    x, g = torch.randn(2, 5, 4), torch.randn(2, 5, 3)
+    a_t, n = input_matrix(layer, x, "reduce")
+    g_t, terms = output_gradient_matrix(layer, g, "reduce", "batch+sequence")
+    torch.testing.assert_close(a_t[:4], x.mean(1).T)
+    torch.testing.assert_close(g_t, g.sum(1).T)
+    assert (n, terms) == (2, 10)
+
+
+def test_grouped_conv_averages_channel_groups():
+    module = nn.Conv2d(4, 6, 1, groups=2, bias=False)
+    layer = KroneckerLayer("layer", module, group={}, has_bias=False)
+    x = torch.randn(1, 4, 2, 2)
+    a_t, _ = input_matrix(layer, x, "expand")
+    torch.testing.assert_close(a_t, ((x[:, :2] + x[:, 2:]) / 2).flatten(2)[0])
