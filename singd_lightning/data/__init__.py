@@ -1,0 +1,57 @@
+"""Lightning data modules for the SINGD comparisons.
+
+Each module exposes ``num_classes``, ``in_chans`` and ``image_size``. Build one by
+name with :func:`create_datamodule`::
+
+    dm = create_datamodule("digits", batch_size=64)
+
+| name | data | classes | size | needs files |
+|---|---|---|---|---|
+| ``digits`` | scikit-learn digits (offline default) | 10 | 32 px | no |
+| ``cifar100`` | CIFAR-100 | 100 | 32 px | ``cifar-100-python`` |
+| ``imagewoof`` | ImageWoof-10 (160 px archive) | 10 | 128 px (configurable) | ``imagewoof2-160`` |
+"""
+
+from __future__ import annotations
+
+from singd_lightning.data._common import DatasetNotFoundError, ImageClassificationDataModule
+from singd_lightning.data.cifar100 import CIFAR100DataModule
+from singd_lightning.data.digits import DigitsDataModule
+from singd_lightning.data.imagewoof import ImageWoofDataModule
+
+#: Data module classes by name.
+DATAMODULES: dict[str, type[ImageClassificationDataModule]] = {
+    "digits": DigitsDataModule,
+    "cifar100": CIFAR100DataModule,
+    "imagewoof": ImageWoofDataModule,
+}
+
+
+def create_datamodule(name: str, **kwargs) -> ImageClassificationDataModule:
+    """Build a registered data module.
+
+    Args:
+        name: A key of :data:`DATAMODULES`.
+        **kwargs: Constructor arguments of that data module.
+
+    Raises:
+        ValueError: If ``name`` is not registered; the message lists valid names.
+    """
+    try:
+        cls = DATAMODULES[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown data module {name!r}. Valid names: {', '.join(sorted(DATAMODULES))}"
+        ) from None
+    return cls(**kwargs)
+
+
+__all__ = [
+    "DATAMODULES",
+    "CIFAR100DataModule",
+    "DatasetNotFoundError",
+    "DigitsDataModule",
+    "ImageClassificationDataModule",
+    "ImageWoofDataModule",
+    "create_datamodule",
+]

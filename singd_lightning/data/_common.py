@@ -1,0 +1,124 @@
+"""Shared pieces of the data modules: split helper, subset view, base class."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are absent and could not (or may not) be downloaded."""
+
+
+def split_indices(n: int, val_size: int | float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded random split of ``range(n)`` into train and validation indices.
+
+    Args:
+        n: Number of samples.
+        val_size: Validation samples, as a count (int) or a fraction of ``n`` (float
+            in ``(0, 1)``).
+        seed: Seed of the permutation; the same seed gives the same split.
+
+    Returns:
+        ``(train_indices, val_indices)``, each sorted.
+
+    Raises:
+        ValueError: If the validation part would be empty or take every sample.
+    """
+    n_val = round(val_size * n) if isinstance(val_size, float) else int(val_size)
+    if not 0 < n_val < n:
+        raise ValueError(f"val_size={val_size!r} must leave both splits non-empty (n={n})")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+class TransformSubset(Dataset):
+    """A view of ``base[indices]`` whose first item element goes through ``transform``.
+
+    Lets a training and a validation split share one underlying dataset while
+    using different transforms.
+
+    Args:
+        base: Dataset yielding ``(image, label)``.
+        indices: Indices of ``base`` in this view; ``None`` for all.
+        transform: Applied to the image.
+    """
+
+    def __init__(
+        self,
+        base: Dataset,
+        indices: Sequence[int] | None = None,
+        transform: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.base = base
+        self.indices = list(range(len(base))) if indices is None else list(indices)  # type: ignore[arg-type]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
+        image, label = self.base[self.indices[i]]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+class ImageClassificationDataModule(L.LightningDataModule):
+    """Base data module: holds the three splits and builds their loaders.
+
+    Subclasses set ``num_classes``, ``in_chans`` and ``image_size`` and fill
+    ``train_set``, ``val_set`` and ``test_set`` in ``setup``.
+
+    Args:
+        batch_size: Batch size of every loader.
+        num_workers: Loader worker processes.
+        pin_memory: Pin host memory in the loaders.
+        drop_last: Drop the last incomplete training batch.
+    """
+
+    num_classes: int
+    in_chans: int
+    image_size: int
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.drop_last = drop_last
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for loaders")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train and self.drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)

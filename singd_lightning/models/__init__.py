@@ -1,0 +1,106 @@
+"""Image classifiers for the SINGD comparisons (one file per family).
+
+Every factory has the signature ``factory(num_classes, in_chans, **kwargs)``;
+extra keyword arguments override the family constructor's defaults. Use
+:func:`create_model` to build one by name::
+
+    model = create_model("cct_7_3x1_32", num_classes=100)
+
+Parameter counts are for the number of classes in brackets.
+
+| name | family | input | parameters |
+|---|---|---|---|
+| ``vgg11`` / ``vgg13`` | VGG-BN | any (≥32 px) | 9.27M / 9.46M (100) |
+| ``vgg16`` / ``vgg19`` | VGG-BN | any (≥32 px) | 14.77M / 20.08M (100) |
+| ``vgg_small`` | VGG-BN (test size) | any | 24k (10) |
+| ``convmixer_256_8`` | ConvMixer-256/8, k5 p2 | 32 px | 0.62M (100) |
+| ``convmixer_256_16`` | ConvMixer-256/16, k9 p8 | 128–160 px | 1.48M (100) |
+| ``convmixer_tiny`` | ConvMixer-32/2 | any | 5k (10) |
+| ``cct_7_3x1_32`` | CCT-7/3x1 | 32 px | 3.78M (100) |
+| ``cct_7_7x2_128`` / ``cct_7_7x2_160`` | CCT-7/7x2 | 128 / 160 px | 4.52M / 4.53M (10) |
+| ``cct_tiny`` | CCT (test size) | 32 px | 20k (10) |
+| ``swin_tiny_32`` | Swin, p2 w4 | 32 px | 7.08M (100) |
+| ``swin_tiny_128`` / ``swin_tiny_160`` | Swin, p8 w4 / w5 | 128 / 160 px | 7.07M (10) |
+| ``swin_nano`` | Swin (test size) | 32 px | 26k (10) |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from singd_lightning.models.cct import CCT, cct_7_3x1_32, cct_7_7x2_128, cct_7_7x2_160, cct_tiny
+from singd_lightning.models.convmixer import (
+    ConvMixer,
+    convmixer_256_8,
+    convmixer_256_16,
+    convmixer_tiny,
+)
+from singd_lightning.models.swin import (
+    SwinTransformer,
+    swin_nano,
+    swin_tiny_32,
+    swin_tiny_128,
+    swin_tiny_160,
+)
+from singd_lightning.models.vgg import VGG, vgg11, vgg13, vgg16, vgg19, vgg_small
+
+#: Model factories by name.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "vgg11": vgg11,
+    "vgg13": vgg13,
+    "vgg16": vgg16,
+    "vgg19": vgg19,
+    "vgg_small": vgg_small,
+    "convmixer_256_8": convmixer_256_8,
+    "convmixer_256_16": convmixer_256_16,
+    "convmixer_tiny": convmixer_tiny,
+    "cct_7_3x1_32": cct_7_3x1_32,
+    "cct_7_7x2_128": cct_7_7x2_128,
+    "cct_7_7x2_160": cct_7_7x2_160,
+    "cct_tiny": cct_tiny,
+    "swin_tiny_32": swin_tiny_32,
+    "swin_tiny_128": swin_tiny_128,
+    "swin_tiny_160": swin_tiny_160,
+    "swin_nano": swin_nano,
+}
+
+
+def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: A key of :data:`MODELS`.
+        num_classes: Number of output logits.
+        in_chans: Number of input image channels.
+        **kwargs: Overrides for the family constructor (e.g. ``img_size``,
+            ``drop_path_rate``).
+
+    Raises:
+        ValueError: If ``name`` is not registered; the message lists valid names.
+    """
+    try:
+        factory = MODELS[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown model {name!r}. Valid names: {', '.join(sorted(MODELS))}"
+        ) from None
+    return factory(num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def list_models() -> list[str]:
+    """Sorted names of the registered models."""
+    return sorted(MODELS)
+
+
+__all__ = [
+    "CCT",
+    "MODELS",
+    "VGG",
+    "ConvMixer",
+    "SwinTransformer",
+    "create_model",
+    "list_models",
+    *sorted(MODELS),
+]
