@@ -1,0 +1,168 @@
+"""Hierarchical matrices: dense top rows, a diagonal middle, dense bottom corner."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from singd_lightning.structures._utils import unsqueeze_alpha
+from singd_lightning.structures.base import Structure
+
+
+class Hierarchical(Structure):
+    """Matrices of the block form (row/column blocks of sizes ``k1, m, k2``)::
+
+        [[A, B, C],
+         [0, D, 0],
+         [0, E, F]]
+
+    with ``A`` (``k1×k1``), ``B`` (``k1×m``), ``C`` (``k1×k2``), ``E`` (``k2×m``),
+    ``F`` (``k2×k2``) dense and ``D`` diagonal (``m = dim − k1 − k2``). Small
+    dimensions fill ``A`` first, then ``C`` and ``F``: ``dim ≤ k1`` gives a dense
+    ``A`` only; ``dim ≤ k1 + k2`` gives ``k2 = dim − k1`` and ``m = 0``.
+
+    Storage: ``A, B, C, D, E, F`` flattened row-major, in this order.
+
+    Args:
+        dim: Matrix dimension ``d``.
+        k1: Size of the dense top-left block (≥ 0).
+        k2: Size of the dense bottom-right block (≥ 0).
+    """
+
+    name = "hierarchical"
+
+    def __init__(self, dim: int, k1: int = 15, k2: int = 15) -> None:
+        super().__init__(dim)
+        for key, value in (("k1", k1), ("k2", k2)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"{key} must be a non-negative integer, got {value!r}."
+                )
+        self.k1, self.k2 = k1, k2
+        # Effective block sizes for this dimension.
+        if dim <= k1:
+            self.n1, self.m, self.n2 = dim, 0, 0
+        elif dim <= k1 + k2:
+            self.n1, self.m, self.n2 = k1, 0, dim - k1
+        else:
+            self.n1, self.m, self.n2 = k1, dim - k1 - k2, k2
+        n1, m, n2 = self.n1, self.m, self.n2
+        self._shapes = ((n1, n1), (n1, m), (n1, n2), (m,), (n2, m), (n2, n2))
+        self._sizes = [n1 * n1, n1 * m, n1 * n2, m, n2 * m, n2 * n2]
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def numel(self) -> int:
+        return sum(self._sizes)
+
+    def options(self) -> dict:
+        return {"k1": self.k1, "k2": self.k2}
+
+    def _parts(self, data: Tensor) -> tuple[Tensor, ...]:
+        """Views ``A, B, C, D, E, F`` of the storage (``D`` is ``(*batch, m)``)."""
+        chunks = data.split(self._sizes, dim=-1)
+        return tuple(c.unflatten(-1, s) for c, s in zip(chunks, self._shapes))
+
+    @staticmethod
+    def _pack(*parts: Tensor) -> Tensor:
+        """Inverse of :meth:`_parts`; broadcasts differing batch shapes."""
+        A, B, C, D, E, F = parts
+        flat = [A, B, C, D.unsqueeze(-1), E, F]
+        flat = [f.flatten(-2) for f in flat]
+        batch = torch.broadcast_shapes(*(f.shape[:-1] for f in flat))
+        return torch.cat([f.expand(*batch, -1) for f in flat], dim=-1)
+
+    def _rows(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Split ``(*batch, dim, n)`` into the three row blocks."""
+        return x.split([self.n1, self.m, self.n2], dim=-2)
+
+    # --------------------------------------------------------------------- ops
+    def to_dense(self, data: Tensor) -> Tensor:
+        A, B, C, D, E, F = self._parts(data)
+        n1, m = self.n1, self.m
+        mid = n1 + m
+        dense = data.new_zeros(*data.shape[:-1], self.dim, self.dim)
+        dense[..., :n1, :n1] = A
+        dense[..., :n1, n1:mid] = B
+        dense[..., :n1, mid:] = C
+        dense[..., n1:mid, n1:mid].diagonal(dim1=-2, dim2=-1).copy_(D)
+        dense[..., mid:, n1:mid] = E
+        dense[..., mid:, mid:] = F
+        return dense
+
+    def project(self, sym: Tensor) -> Tensor:
+        n1, mid = self.n1, self.n1 + self.m
+        return self._pack(
+            sym[..., :n1, :n1],
+            2 * sym[..., :n1, n1:mid],
+            2 * sym[..., :n1, mid:],
+            sym[..., n1:mid, n1:mid].diagonal(dim1=-2, dim2=-1),
+            2 * sym[..., mid:, n1:mid],
+            sym[..., mid:, mid:],
+        )
+
+    def matmul(self, data: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
+        A, B, C, D, E, F = self._parts(data)
+        x1, x2, x3 = self._rows(x)
+        D = D.unsqueeze(-1)
+        if transpose:
+            top = A.mT @ x1
+            mid = B.mT @ x1 + D * x2 + E.mT @ x3
+            bottom = C.mT @ x1 + F.mT @ x3
+        else:
+            top = A @ x1 + B @ x2 + C @ x3
+            mid = D * x2
+            bottom = E @ x2 + F @ x3
+        blocks = (top, mid, bottom)
+        batch = torch.broadcast_shapes(*(t.shape[:-2] for t in blocks))
+        return torch.cat([t.expand(*batch, -1, -1) for t in blocks], dim=-2)
+
+    def compose(self, a: Tensor, b: Tensor) -> Tensor:
+        A, B, C, D, E, F = self._parts(a)
+        A2, B2, C2, D2, E2, F2 = self._parts(b)
+        return self._pack(
+            A @ A2,
+            A @ B2 + B * D2.unsqueeze(-2) + C @ E2,
+            A @ C2 + C @ F2,
+            D * D2,
+            E * D2.unsqueeze(-2) + F @ E2,
+            F @ F2,
+        )
+
+    def project_outer(self, y: Tensor) -> Tensor:
+        y1, y2, y3 = self._rows(y)
+        return self._pack(
+            y1 @ y1.mT,
+            2 * (y1 @ y2.mT),
+            2 * (y1 @ y3.mT),
+            y2.square().sum(dim=-1),
+            2 * (y3 @ y2.mT),
+            y3 @ y3.mT,
+        )
+
+    def project_self_gram(self, data: Tensor) -> Tensor:
+        # Columns of S are [A; 0; 0], [B; D; E], [C; 0; F]; Sᵀ S block-wise.
+        A, B, C, D, E, F = self._parts(data)
+        return self._pack(
+            A.mT @ A,
+            2 * (A.mT @ B),
+            2 * (A.mT @ C),
+            B.square().sum(dim=-2) + D.square() + E.square().sum(dim=-2),
+            2 * (C.mT @ B + F.mT @ E),
+            C.mT @ C + F.mT @ F,
+        )
+
+    def diagonal(self, data: Tensor) -> Tensor:
+        A, _, _, D, _, F = self._parts(data)
+        return torch.cat(
+            [A.diagonal(dim1=-2, dim2=-1), D, F.diagonal(dim1=-2, dim2=-1)], dim=-1
+        )
+
+    def add_identity_(self, data: Tensor, alpha: float | Tensor) -> Tensor:
+        A, _, _, D, _, F = self._parts(data)
+        # The parts are views of ``data``, so these writes land in the storage.
+        scale = unsqueeze_alpha(alpha, 1)
+        A.diagonal(dim1=-2, dim2=-1).add_(scale)
+        D.add_(scale)
+        F.diagonal(dim1=-2, dim2=-1).add_(scale)
+        return data
