@@ -145,7 +145,7 @@ class KroneckerOptimizer(Optimizer):
         self.layer_state: dict[str, dict[str, Tensor]] = {}
         for layer in self.layers:
             self.layer_state[layer.name] = self._init_layer_state(layer)
-        # Per layer: [sum of n·Π(K-stat), sum of Π(C-stat)/N, Σn, ΣN] since the last step.
+        # Per layer: [Σ stat(Aᵀ), Σ stat(Gᵀ)/s², Σn, ΣN] since the last step.
         self._stats: dict[str, list] = {}
         self.collector = CurvatureCollector(
             self.layers,
@@ -266,7 +266,9 @@ class KroneckerOptimizer(Optimizer):
         """The preconditioned ``(d_o, d_K)`` gradient, in the gradient's dtype."""
 
     # ------------------------------------------------------------ statistics
-    def _accumulate(self, layer: KroneckerLayer, x_in: Tensor, x_out: Tensor, n: int, num_terms: int) -> None:
+    def _accumulate(
+        self, layer: KroneckerLayer, x_in: Tensor, x_out: Tensor, w_in: float, w_out: float, n: int, num_terms: int
+    ) -> None:
         stat_in, stat_out = self._statistics(layer, x_in, x_out)
         acc_dtype = torch.float64 if torch.float64 in (stat_in.dtype, stat_out.dtype) else torch.float32
         entry = self._stats.get(layer.name)
@@ -278,8 +280,8 @@ class KroneckerOptimizer(Optimizer):
                 0,
             ]
         # Accumulate in (at least) float32: sums over many passes would overflow fp16.
-        entry[0].add_(stat_in, alpha=n)
-        entry[1].add_(stat_out, alpha=1.0 / num_terms)
+        entry[0].add_(stat_in, alpha=w_in)
+        entry[1].add_(stat_out, alpha=w_out)
         entry[2] += n
         # A summed loss (loss_average=None) has no number of terms to restore.
         entry[3] += num_terms if layer.group["loss_average"] is not None else 0
@@ -297,8 +299,8 @@ class KroneckerOptimizer(Optimizer):
         else:
             entries = {layer.name: self._stats[layer.name] for layer in layers if layer.name in self._stats}
         scale = self._current_grad_scale()
-        # The hooks divided output gradients by the scale hint; the remaining
-        # factor (and the data-parallel 1/W of the averaged gradient) goes here.
+        # The hooks un-scaled by the scale hint; the remaining factor (and the
+        # data-parallel 1/W of the averaged gradient) goes here.
         out_factor = (self._scale_hint / scale) ** 2 / world**2
         reduced = {}
         for layer in layers:

@@ -8,12 +8,13 @@ output gradient into the matrices of SPEC §1 and hands them to a *sink* (the
 optimizer decides what to compute from them: structured projections for SINGD,
 dense Gram matrices for KFAC).
 
-Conventions (SPEC §1), for one backward pass through a layer:
-    * ``x_in``: ``Aᵀ / sqrt(n)``, shape ``(d_K, n)``, in the K-factor dtype, where the
-      rows of ``A`` are the (possibly averaged) inputs with a trailing 1 for the bias.
-    * ``x_out``: ``Gᵀ · sqrt(N) / s``, shape ``(d_o, n')``, in the C-factor dtype, with
-      ``N`` the number of loss terms this pass averaged over and ``s`` the gradient
-      scale the optimizer expects (1 without a loss scaler).
+Conventions (SPEC §1), for one backward pass through a layer: the sink receives
+``x_in`` (``Aᵀ``, shape ``(d_K, n)``, rows of ``A`` = the possibly averaged inputs
+with a trailing 1 for a bias) and ``x_out`` (``Gᵀ``, shape ``(d_o, n')``), each with
+a weight ``w`` such that ``w · stat(x)`` is the pass's un-normalised contribution:
+``stat(Aᵀ)`` for the input side and ``stat(Gᵀ) / s²`` for the output side, where
+``s`` is the loss scale. The matrices are left un-scaled (no extra copy) except in
+float16, whose range needs ``Aᵀ/√n`` and ``Gᵀ·√N/s`` before the products.
 """
 
 from __future__ import annotations
@@ -125,17 +126,26 @@ def conv2d_patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
     return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
 
 
+def _with_ones_row(mat: Tensor) -> Tensor:
+    """``[mat; 1ᵀ]`` for ``mat`` of shape ``(d, *rows)``, in one copy."""
+    out = mat.new_empty(mat.shape[0] + 1, *mat.shape[1:])
+    out[:-1].copy_(mat)
+    out[-1].fill_(1.0)
+    return out
+
+
 def input_matrix(layer: KroneckerLayer, x: Tensor, approx: str) -> tuple[Tensor, int]:
-    """``Aᵀ`` (un-normalised), ``(d_K, n)``, and its number of rows ``n``."""
+    """``Aᵀ`` (un-normalised), ``(d_K, n)``, and its number of rows ``n``.
+
+    The bias column of ones is written in the same copy that lays the rows out,
+    so a layer's input is copied at most once (convolutions: after im2col).
+    """
     module = layer.module
     if isinstance(module, nn.Conv2d):
         if x.ndim == 3:  # un-batched input
             x = x.unsqueeze(0)
         patches = conv2d_patches(x, module)  # (N, d, L)
-        if approx == "expand":
-            mat = patches.transpose(0, 1).flatten(start_dim=1)
-        else:
-            mat = patches.mean(dim=2).T
+        mat = patches.transpose(0, 1) if approx == "expand" else patches.mean(dim=2).T
     else:
         d_in = x.shape[-1]
         if approx == "expand" or x.ndim <= 2:
@@ -143,7 +153,8 @@ def input_matrix(layer: KroneckerLayer, x: Tensor, approx: str) -> tuple[Tensor,
         else:
             mat = x.reshape(x.shape[0], -1, d_in).mean(dim=1).T
     if layer.has_bias:
-        mat = torch.cat([mat, mat.new_ones(1, mat.shape[1])])
+        mat = _with_ones_row(mat)
+    mat = mat.reshape(mat.shape[0], -1)
     return mat, mat.shape[1]
 
 
@@ -179,7 +190,7 @@ def output_gradient_matrix(
 
 
 # ------------------------------------------------------------------ collector
-Sink = Callable[[KroneckerLayer, Tensor, Tensor, int, int], None]
+Sink = Callable[[KroneckerLayer, Tensor, Tensor, float, float, int, int], None]
 
 
 class CurvatureCollector:
@@ -187,8 +198,9 @@ class CurvatureCollector:
 
     Args:
         layers: The layers to hook.
-        sink: Called as ``sink(layer, x_in, x_out, n, N)`` once per backward pass
-            through a layer in a collecting step (see the module docstring).
+        sink: Called as ``sink(layer, x_in, x_out, w_in, w_out, n, N)`` once per
+            backward pass through a layer in a collecting step (see the module
+            docstring); ``n`` counts the rows of ``A``, ``N`` the loss terms.
         is_collecting: Tells, per layer, whether the current step collects.
         dtypes: Gives, per layer, the ``(K dtype, C dtype)`` of its factors.
         grad_scale: Gives the gradient scale to divide output gradients by.
@@ -229,14 +241,18 @@ class CurvatureCollector:
         group = layer.group
         approx, loss_average = group["kfac_approx"], group["loss_average"]
         dtype_k, dtype_c = self.dtypes(layer)
+        scale = self.grad_scale()
         with torch.autocast(device_type=x.device.type, enabled=False):
             x_in, n = input_matrix(layer, x.to(dtype_k), approx)
-            x_in = x_in * (1.0 / math.sqrt(n))
             x_out, num_terms = output_gradient_matrix(
                 layer, grad_output.to(dtype_c), approx, loss_average
             )
-            x_out = x_out * (math.sqrt(num_terms) / self.grad_scale())
-            self.sink(layer, x_in, x_out, n, num_terms)
+            w_in, w_out = 1.0, 1.0 / scale**2
+            if dtype_k == torch.float16:
+                x_in, w_in = x_in * (1.0 / math.sqrt(n)), float(n)
+            if dtype_c == torch.float16:
+                x_out, w_out = x_out * (math.sqrt(num_terms) / scale), 1.0 / num_terms
+            self.sink(layer, x_in, x_out, w_in, w_out, n, num_terms)
 
     @staticmethod
     def remove(layers: list[KroneckerLayer]) -> None:
