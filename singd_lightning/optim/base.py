@@ -25,6 +25,7 @@ from singd_lightning.optim.curvature import (
     SUPPORTED_MODULES,
     CurvatureCollector,
     KroneckerLayer,
+    Rows,
 )
 from singd_lightning.optim.fallback import FALLBACK_STEPS
 from singd_lightning.optim.hyperparameters import (
@@ -253,8 +254,9 @@ class KroneckerOptimizer(Optimizer):
         """The initial factors of ``layer``."""
 
     @abstractmethod
-    def _statistics(self, layer: KroneckerLayer, x_in: Tensor, x_out: Tensor) -> tuple[Tensor, Tensor]:
-        """What to accumulate from one pass: flat tensors from ``x_in`` and ``x_out``."""
+    def _statistics(self, layer: KroneckerLayer, x_in: Rows, x_out: Rows) -> tuple[Tensor, Tensor]:
+        """What to accumulate from one pass: flat tensors from the lazily built
+        ``Aᵀ`` and ``Gᵀ`` (see :class:`~singd_lightning.optim.curvature.Rows`)."""
 
     @abstractmethod
     def _update_preconditioner(self, layer: KroneckerLayer, stat_in: Tensor, stat_out: Tensor) -> dict[str, Tensor] | None:
@@ -267,7 +269,7 @@ class KroneckerOptimizer(Optimizer):
 
     # ------------------------------------------------------------ statistics
     def _accumulate(
-        self, layer: KroneckerLayer, x_in: Tensor, x_out: Tensor, w_in: float, w_out: float, n: int, num_terms: int
+        self, layer: KroneckerLayer, x_in: Rows, x_out: Rows, w_in: float, w_out: float, n: int, num_terms: int
     ) -> None:
         stat_in, stat_out = self._statistics(layer, x_in, x_out)
         acc_dtype = torch.float64 if torch.float64 in (stat_in.dtype, stat_out.dtype) else torch.float32

@@ -91,102 +91,182 @@ class KroneckerLayer:
         return [mat.reshape_as(self.weight)]
 
 
-# ---------------------------------------------------------------- input side
-def _conv_explicit_input(x: Tensor, conv: nn.Conv2d) -> tuple[Tensor, tuple[int, int]]:
-    """Pad ``x`` as ``conv`` would and return it with the padding left for unfold."""
+# ---------------------------------------------------------------- row matrices
+class Rows:
+    """A matrix ``Xᵀ`` of shape ``(d, n)`` whose columns are rows of ``A`` (or ``G``),
+    built only as far as a statistic needs it.
+
+    Sparse structures need little of ``X Xᵀ``: a diagonal factor only needs the
+    row sums of squares, which for a convolution cost one pass over the input
+    instead of an im2col copy that is ``k²`` times larger. Structures call
+    :meth:`matrix` or :meth:`square_sums`; both are computed at most once.
+
+    Args:
+        build: Returns the ``(d, n)`` matrix.
+        n: Number of rows ``n``.
+        square_sums: Returns ``diag(X Xᵀ)``, the ``(d,)`` sums of squares over the
+            ``n`` rows, without building the matrix; None derives it from it.
+    """
+
+    def __init__(self, build: Callable[[], Tensor], n: int, square_sums: Callable[[], Tensor] | None = None) -> None:
+        self._build = build
+        self._square_sums = square_sums
+        self._matrix: Tensor | None = None
+        self.n = n
+        self.scale = 1.0
+
+    def matrix(self) -> Tensor:
+        """``X``, ``(d, n)``, times :attr:`scale`."""
+        if self._matrix is None:
+            mat = self._build()
+            self._matrix = mat if self.scale == 1.0 else mat * self.scale
+        return self._matrix
+
+    def square_sums(self) -> Tensor:
+        """``Σ_rows X²``, ``(d,)``, times :attr:`scale` ²."""
+        if self._matrix is not None or self._square_sums is None:
+            return self.matrix().square().sum(dim=-1)
+        sums = self._square_sums()
+        return sums if self.scale == 1.0 else sums * self.scale**2
+
+
+def _pad_like_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``x`` padded exactly as ``conv`` pads it (any mode, string paddings)."""
     if conv.padding_mode != "zeros":
-        return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), (0, 0)
+        return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
     if isinstance(conv.padding, str):
         if conv.padding == "valid":
-            return x, (0, 0)
+            return x
         # "same": PyTorch puts the odd pixel of the total padding on the right/bottom.
         pads = []
         for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation)):
             total = d * (k - 1)
             pads += [total // 2, total - total // 2]
-        return F.pad(x, pads), (0, 0)
-    return x, conv.padding
+        return F.pad(x, pads)
+    (ph, pw) = conv.padding
+    return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
 
 
-def conv2d_patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    """Im2col patches of a Conv2d input, channel groups averaged.
+def conv2d_patch_view(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """A strided view of all im2col patches, with channel groups averaged.
 
     Args:
         x: Input, ``(N, C_in, H, W)``.
         conv: The convolution.
 
     Returns:
-        ``(N, C_in/groups · k1 · k2, L)`` with ``L`` the number of output locations.
+        A view of shape ``(C_in/groups, k1, k2, N, O1, O2)`` (no copy of the
+        patches): entry ``[c, i, j, b, o1, o2]`` is the input pixel that kernel
+        entry ``(c, i, j)`` meets at output location ``(o1, o2)`` of sample ``b``.
         Grouped convolutions share one Kronecker factor across groups, so the
-        group's channels are averaged (as the reference package does).
+        groups' channels are averaged (as the reference package does).
     """
     if conv.groups > 1:
         x = x.unflatten(1, (conv.groups, -1)).mean(dim=1)
-    x, padding = _conv_explicit_input(x, conv)
-    return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+    x = _pad_like_conv(x, conv)
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    n, c, h, w = x.shape
+    out_h, out_w = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    st_n, st_c, st_h, st_w = x.stride()
+    return x.as_strided(
+        (c, kh, kw, n, out_h, out_w),
+        (st_c, st_h * dh, st_w * dw, st_n, st_h * sh, st_w * sw),
+    )
 
 
-def _with_ones_row(mat: Tensor) -> Tensor:
-    """``[mat; 1ᵀ]`` for ``mat`` of shape ``(d, *rows)``, in one copy."""
-    out = mat.new_empty(mat.shape[0] + 1, *mat.shape[1:])
-    out[:-1].copy_(mat)
-    out[-1].fill_(1.0)
-    return out
+def _layout_rows(view: Tensor, feature_dims: int, has_bias: bool) -> Tensor:
+    """Copy a view of shape ``(*features, *rows)`` into a contiguous ``(d [+1], n)``
+    matrix, writing the bias's row of ones in the same pass."""
+    d = math.prod(view.shape[:feature_dims])
+    out = view.new_empty(d + int(has_bias), *view.shape[feature_dims:])
+    out[:d].view(view.shape).copy_(view)
+    if has_bias:
+        out[d].fill_(1.0)
+    return out.reshape(out.shape[0], -1)
 
 
-def input_matrix(layer: KroneckerLayer, x: Tensor, approx: str) -> tuple[Tensor, int]:
-    """``Aᵀ`` (un-normalised), ``(d_K, n)``, and its number of rows ``n``.
-
-    The bias column of ones is written in the same copy that lays the rows out,
-    so a layer's input is copied at most once (convolutions: after im2col).
-    """
-    module = layer.module
+def input_rows(layer: KroneckerLayer, x: Tensor, approx: str) -> Rows:
+    """``Aᵀ`` (un-normalised) as :class:`Rows`: ``(d_K, n)``; the last row is ones
+    when the layer has a bias. The matrix is built in a single copy."""
+    module, has_bias = layer.module, layer.has_bias
     if isinstance(module, nn.Conv2d):
         if x.ndim == 3:  # un-batched input
             x = x.unsqueeze(0)
-        patches = conv2d_patches(x, module)  # (N, d, L)
-        mat = patches.transpose(0, 1) if approx == "expand" else patches.mean(dim=2).T
-    else:
-        d_in = x.shape[-1]
-        if approx == "expand" or x.ndim <= 2:
-            mat = x.reshape(-1, d_in).T
-        else:
-            mat = x.reshape(x.shape[0], -1, d_in).mean(dim=1).T
-    if layer.has_bias:
-        mat = _with_ones_row(mat)
-    mat = mat.reshape(mat.shape[0], -1)
-    return mat, mat.shape[1]
+        patches = conv2d_patch_view(x, module)  # (c, k1, k2, N, O1, O2)
+        d = patches.shape[0] * patches.shape[1] * patches.shape[2]
+        if approx == "expand":
+            n = patches.shape[3] * patches.shape[4] * patches.shape[5]
+
+            def square_sums() -> Tensor:
+                # Squares of the padded input, summed over the same strided windows.
+                sums = conv2d_patch_view(x.square(), module).sum(dim=(3, 4, 5)).flatten()
+                return torch.cat([sums, sums.new_full((1,), n)]) if has_bias else sums
+
+            return Rows(lambda: _layout_rows(patches, 3, has_bias), n, square_sums)
+        mean = patches.mean(dim=(4, 5)).reshape(d, -1)  # (d, N): no im2col copy
+        return Rows(lambda: _layout_rows(mean, 1, has_bias), mean.shape[1])
+    d = x.shape[-1]
+    flat = x.reshape(-1, d)
+    if approx == "reduce" and x.ndim > 2:
+        flat = x.reshape(x.shape[0], -1, d).mean(dim=1)
+    n = flat.shape[0]
+
+    def square_sums() -> Tensor:
+        sums = flat.square().sum(dim=0)
+        return torch.cat([sums, sums.new_full((1,), n)]) if has_bias else sums
+
+    if not has_bias:
+        return Rows(lambda: flat.T, n, square_sums)
+    return Rows(lambda: _layout_rows(flat.T, 1, True), n, square_sums)
 
 
-def output_gradient_matrix(
+def output_gradient_rows(
     layer: KroneckerLayer, g: Tensor, approx: str, loss_average: str | None
-) -> tuple[Tensor, int]:
-    """``Gᵀ`` (un-scaled), ``(d_o, n')``, and the number ``N`` of loss terms."""
+) -> tuple[Rows, int]:
+    """``Gᵀ`` (un-scaled) as :class:`Rows`, ``(d_o, n')``, and the number ``N`` of
+    loss terms the output gradient averages over."""
     module = layer.module
     if isinstance(module, nn.Conv2d):
         if g.ndim == 3:
             g = g.unsqueeze(0)
         batch, shared = g.shape[0], g.shape[2:].numel()
         if approx == "expand":
-            mat = g.transpose(0, 1).flatten(start_dim=1)
+            rows = Rows(
+                lambda: g.transpose(0, 1).reshape(g.shape[1], -1),
+                batch * shared,
+                lambda: g.square().sum(dim=(0, 2, 3)),
+            )
         else:
-            mat = g.sum(dim=(2, 3)).T
+            summed = g.sum(dim=(2, 3))
+            rows = Rows(lambda: summed.T, batch)
     else:
-        d_out = g.shape[-1]
         if g.ndim <= 1:
             g = g.unsqueeze(0)
+        d = g.shape[-1]
         batch, shared = g.shape[0], g.shape[1:-1].numel()
-        if approx == "expand" or g.ndim == 2:
-            mat = g.reshape(-1, d_out).T
-        else:
-            mat = g.reshape(batch, -1, d_out).sum(dim=1).T
+        flat = g.reshape(-1, d) if approx == "expand" or g.ndim == 2 else g.reshape(batch, -1, d).sum(dim=1)
+        rows = Rows(lambda: flat.T, flat.shape[0], lambda: flat.square().sum(dim=0))
     if loss_average is None:
         num_terms = 1
     elif loss_average == "batch":
         num_terms = batch
     else:
         num_terms = batch * shared
-    return mat, num_terms
+    return rows, num_terms
+
+
+def input_matrix(layer: KroneckerLayer, x: Tensor, approx: str) -> tuple[Tensor, int]:
+    """``Aᵀ`` (un-normalised), ``(d_K, n)``, and its number of rows ``n``."""
+    rows = input_rows(layer, x, approx)
+    return rows.matrix(), rows.n
+
+
+def output_gradient_matrix(
+    layer: KroneckerLayer, g: Tensor, approx: str, loss_average: str | None
+) -> tuple[Tensor, int]:
+    """``Gᵀ`` (un-scaled), ``(d_o, n')``, and the number ``N`` of loss terms."""
+    rows, num_terms = output_gradient_rows(layer, g, approx, loss_average)
+    return rows.matrix(), num_terms
 
 
 # ------------------------------------------------------------------ collector
@@ -243,15 +323,14 @@ class CurvatureCollector:
         dtype_k, dtype_c = self.dtypes(layer)
         scale = self.grad_scale()
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x_in, n = input_matrix(layer, x.to(dtype_k), approx)
-            x_out, num_terms = output_gradient_matrix(
-                layer, grad_output.to(dtype_c), approx, loss_average
-            )
+            x_in = input_rows(layer, x.to(dtype_k), approx)
+            x_out, num_terms = output_gradient_rows(layer, grad_output.to(dtype_c), approx, loss_average)
+            n = x_in.n
             w_in, w_out = 1.0, 1.0 / scale**2
             if dtype_k == torch.float16:
-                x_in, w_in = x_in * (1.0 / math.sqrt(n)), float(n)
+                x_in.scale, w_in = 1.0 / math.sqrt(n), float(n)
             if dtype_c == torch.float16:
-                x_out, w_out = x_out * (math.sqrt(num_terms) / scale), 1.0 / num_terms
+                x_out.scale, w_out = math.sqrt(num_terms) / scale, 1.0 / num_terms
             self.sink(layer, x_in, x_out, w_in, w_out, n, num_terms)
 
     @staticmethod

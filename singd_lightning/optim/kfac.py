@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from singd_lightning.optim.base import KroneckerOptimizer
-from singd_lightning.optim.curvature import KroneckerLayer
+from singd_lightning.optim.curvature import KroneckerLayer, Rows
 from singd_lightning.optim.hyperparameters import check_range
 
 
@@ -82,8 +82,9 @@ class KFAC(KroneckerOptimizer):
     def _statistics_numel(self, layer: KroneckerLayer) -> tuple[int, int]:
         return layer.dim_in**2, layer.dim_out**2
 
-    def _statistics(self, layer: KroneckerLayer, x_in: Tensor, x_out: Tensor) -> tuple[Tensor, Tensor]:
-        return (x_in @ x_in.mT).flatten(), (x_out @ x_out.mT).flatten()
+    def _statistics(self, layer: KroneckerLayer, x_in: Rows, x_out: Rows) -> tuple[Tensor, Tensor]:
+        a, g = x_in.matrix(), x_out.matrix()
+        return (a @ a.mT).flatten(), (g @ g.mT).flatten()
 
     def _update_preconditioner(self, layer: KroneckerLayer, a: Tensor, g: Tensor) -> dict[str, Tensor]:
         state = self.layer_state[layer.name]

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from singd_lightning.optim.base import KroneckerOptimizer
-from singd_lightning.optim.curvature import KroneckerLayer
+from singd_lightning.optim.curvature import KroneckerLayer, Rows
 from singd_lightning.optim.hyperparameters import check_range, resolve_lr_cov
 from singd_lightning.structures import Structure, StructureSpec, resolve_structure
 
@@ -150,10 +150,10 @@ class SINGD(KroneckerOptimizer):
         layout_k, layout_c = self.layouts(layer)
         return layout_k.numel, layout_c.numel
 
-    def _statistics(self, layer: KroneckerLayer, x_in: Tensor, x_out: Tensor) -> tuple[Tensor, Tensor]:
+    def _statistics(self, layer: KroneckerLayer, x_in: Rows, x_out: Rows) -> tuple[Tensor, Tensor]:
         layout_k, layout_c = self.layouts(layer)
         state = self.layer_state[layer.name]
-        return layout_k.project_gram(state["K"], x_in), layout_c.project_gram(state["C"], x_out)
+        return layout_k.project_gram_rows(state["K"], x_in), layout_c.project_gram_rows(state["C"], x_out)
 
     # --------------------------------------------------------------- update
     def _update_preconditioner(self, layer: KroneckerLayer, h_k: Tensor, h_c: Tensor) -> dict[str, Tensor]:

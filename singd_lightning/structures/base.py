@@ -126,6 +126,12 @@ class Structure(ABC):
         """Π(Sᵀ x xᵀ S) for dense ``x`` of shape ``(*batch, dim, n)``."""
         return self.project_outer(self.matmul(data, x, transpose=True))
 
+    def project_gram_rows(self, data: Tensor, rows) -> Tensor:
+        """Π(Sᵀ X Xᵀ S) for a lazily built ``X`` (an object with ``matrix()``, the
+        ``(dim, n)`` matrix, and ``square_sums()``, its ``(dim,)`` row sums of
+        squares). Structures that need less than ``X`` itself read less."""
+        return self.project_gram(data, rows.matrix())
+
     def average_trace(self, data: Tensor) -> Tensor:
         """``trace(S) / dim``, shape ``(*batch,)``."""
         return self.diagonal(data).mean(dim=-1)

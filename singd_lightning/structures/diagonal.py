@@ -35,6 +35,10 @@ class Diagonal(Structure):
         # Π(Sᵀ x xᵀ S) = s² ⊙ rowsum(x²): one pass over x, no scaled copy of it.
         return x.square().sum(dim=-1).mul_(data.square())
 
+    def project_gram_rows(self, data: Tensor, rows) -> Tensor:
+        # Only diag(X Xᵀ) is needed: for a convolution that skips im2col entirely.
+        return rows.square_sums().to(data.dtype).mul_(data.square())
+
     def project_self_gram(self, data: Tensor) -> Tensor:
         return data.square()
 

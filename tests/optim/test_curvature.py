@@ -67,3 +67,26 @@ def test_grouped_conv_averages_channel_groups():
     x = torch.randn(1, 4, 2, 2)
     a_t, _ = input_matrix(layer, x, "expand")
     torch.testing.assert_close(a_t, ((x[:, :2] + x[:, 2:]) / 2).flatten(2)[0])
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [dict(padding=1), dict(stride=2, dilation=2, padding="same"), dict(groups=3, padding=(0, 2), bias=False)],
+)
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_square_sums_without_matrix_equal_matrix_path(conv, approx):
+    """The im2col-free row sums of squares (used by diagonal factors) equal the
+    sums over the materialised matrix, for inputs and output gradients."""
+    from singd_lightning.optim.curvature import input_rows, output_gradient_rows
+
+    torch.manual_seed(0)
+    module = nn.Conv2d(6, 3, 3, **conv).double()
+    layer = KroneckerLayer("layer", module, group={}, has_bias=module.bias is not None)
+    x = torch.randn(2, 6, 7, 9, dtype=torch.float64)
+    g = torch.randn_like(module(x))
+    fast = input_rows(layer, x, approx).square_sums()
+    slow = input_rows(layer, x, approx).matrix().square().sum(dim=-1)
+    torch.testing.assert_close(fast, slow)
+    fast_g = output_gradient_rows(layer, g, approx, "batch")[0].square_sums()
+    slow_g = output_gradient_rows(layer, g, approx, "batch")[0].matrix().square().sum(dim=-1)
+    torch.testing.assert_close(fast_g, slow_g)
