@@ -71,7 +71,7 @@ def test_grouped_conv_averages_channel_groups():
 
 @pytest.mark.parametrize(
     "conv",
-    [dict(padding=1), dict(stride=2, dilation=2, padding="same"), dict(groups=3, padding=(0, 2), bias=False)],
+    [dict(padding=1), dict(dilation=2, padding="same"), dict(stride=2, groups=3, padding=(0, 2), bias=False)],
 )
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_square_sums_without_matrix_equal_matrix_path(conv, approx):
