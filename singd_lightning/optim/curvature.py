@@ -147,23 +147,23 @@ def _pad_like_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
 
 
-def conv2d_patch_view(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    """A strided view of all im2col patches, with channel groups averaged.
+def conv2d_input(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """The input as the kernel sees it: padded, and with channel groups averaged
+    (grouped convolutions share one Kronecker factor across groups, as in the
+    reference package). ``(N, C_in, H, W)`` → ``(N, C_in/groups, H', W')``."""
+    if conv.groups > 1:
+        x = x.unflatten(1, (conv.groups, -1)).mean(dim=1)
+    return _pad_like_conv(x, conv)
 
-    Args:
-        x: Input, ``(N, C_in, H, W)``.
-        conv: The convolution.
+
+def conv2d_patch_view(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """A strided view of all im2col patches of a :func:`conv2d_input`.
 
     Returns:
         A view of shape ``(C_in/groups, k1, k2, N, O1, O2)`` (no copy of the
         patches): entry ``[c, i, j, b, o1, o2]`` is the input pixel that kernel
         entry ``(c, i, j)`` meets at output location ``(o1, o2)`` of sample ``b``.
-        Grouped convolutions share one Kronecker factor across groups, so the
-        groups' channels are averaged (as the reference package does).
     """
-    if conv.groups > 1:
-        x = x.unflatten(1, (conv.groups, -1)).mean(dim=1)
-    x = _pad_like_conv(x, conv)
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
     n, c, h, w = x.shape
     out_h, out_w = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
@@ -192,6 +192,7 @@ def input_rows(layer: KroneckerLayer, x: Tensor, approx: str) -> Rows:
     if isinstance(module, nn.Conv2d):
         if x.ndim == 3:  # un-batched input
             x = x.unsqueeze(0)
+        x = conv2d_input(x, module)
         patches = conv2d_patch_view(x, module)  # (c, k1, k2, N, O1, O2)
         d = patches.shape[0] * patches.shape[1] * patches.shape[2]
         if approx == "expand":
