@@ -1,0 +1,256 @@
+"""Train-step time, optimizer state and peak memory of SINGD against its baselines.
+
+Times the full train step (forward + backward + optimizer step; median over
+``--steps`` steps after ``--warmup``) in one process for AdamW, SGD, KFAC, the
+published reference package ``singd`` (each structure it has) and ours (each
+structure), at the given ``T`` values, on three CIFAR-size models, and prints
+ratios against AdamW and against the reference run in the same process. Peak
+memory of each configuration is measured in a fresh subprocess (resident
+high-water mark on CPU, ``torch.cuda.max_memory_allocated`` on CUDA) so that runs
+don't pollute each other.
+
+Examples::
+
+    python scripts/benchmark.py                          # everything (long on CPU)
+    python scripts/benchmark.py --models vgg --T 1 10 --json bench.json
+    python scripts/benchmark.py --device cuda --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from singd_lightning import KFAC, SINGD
+from singd_lightning.models import create_model
+from singd_lightning.models.vgg import VGG
+
+# Our structure name → the reference package's name for it (if it has one).
+STRUCTURES = {
+    "dense": "dense",
+    "diagonal": "diagonal",
+    "block_diagonal": "block30diagonal",
+    "hierarchical": "hierarchical15_15",
+    "tril_toeplitz": "triltoeplitz",
+    "triu_toeplitz": "triutoeplitz",
+    "tril": None,
+    "triu": None,
+    "tril_bottom_right_diagonal": None,
+    "triu_top_left_diagonal": None,
+}
+# The reference's size options, so that both sides compare like with like.
+OPTIONS = {"block_diagonal": {"block_size": 30}, "hierarchical": {"k1": 15, "k2": 15}}
+
+
+def build_model(name: str) -> nn.Module:
+    """The benchmark models, all for 32×32 inputs and 100 classes."""
+    if name == "vgg":  # a small VGG: 2.2M parameters
+        return VGG([64, "M", 128, "M", 256, 256, "M", 512, "M"], num_classes=100)
+    if name == "vit":  # CCT-7/3x1: a ViT-like transformer, 3.8M parameters
+        return create_model("cct_7_3x1_32", num_classes=100)
+    if name == "convmixer":  # ConvMixer-256/8, 0.6M parameters
+        return create_model("convmixer_256_8", num_classes=100)
+    raise ValueError(f"Unknown benchmark model {name!r}; valid: vgg, vit, convmixer.")
+
+
+@dataclass
+class Config:
+    model: str
+    method: str  # adamw | sgd | kfac | reference | ours
+    structure: str = ""
+    T: int = 1
+    batch_size: int = 64
+    device: str = "cpu"
+    dtype: str = "fp32"
+
+
+@dataclass
+class Result:
+    config: Config
+    step_ms: float = float("nan")
+    state_bytes: int = 0
+    peak_bytes: int = 0
+    error: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def build_optimizer(config: Config, model: nn.Module):
+    lr = 1e-3
+    if config.method == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr)
+    if config.method == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    if config.method == "kfac":
+        return KFAC(model, lr=lr, T=config.T)
+    spec = {"name": config.structure, **OPTIONS.get(config.structure, {})}
+    if config.method == "ours":
+        return SINGD(model, lr=lr, T=config.T, structures=(spec, spec))
+    if config.method == "reference":
+        from singd.optim.optimizer import SINGD as ReferenceSINGD
+
+        ref_name = STRUCTURES[config.structure]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ReferenceSINGD(model, lr=lr, T=config.T, structures=(ref_name, ref_name), warn_unsupported=False)
+    raise ValueError(config.method)
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of every tensor the optimizer keeps between steps."""
+    tensors = [t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+    if isinstance(optimizer, (SINGD, KFAC)):
+        tensors += [t for st in optimizer.layer_state.values() for t in st.values()]
+    for attribute in ("Ks", "Cs", "m_Ks", "m_Cs"):  # the reference package
+        for matrix in getattr(optimizer, attribute, {}).values():
+            tensors += [t for _, t in matrix.named_tensors()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(config: Config, steps: int, warmup: int) -> Result:
+    """Train ``steps + warmup`` steps on random data; time the last ``steps``."""
+    torch.manual_seed(0)
+    device = torch.device(config.device)
+    model = build_model(config.model).to(device)
+    x = torch.randn(config.batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 100, (config.batch_size,), device=device)
+    optimizer = build_optimizer(config, model)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bf16")
+    times = []
+    for step in range(warmup + steps):
+        _synchronize(config.device)
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        with autocast:
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        _synchronize(config.device)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return Result(config, step_ms=1e3 * statistics.median(times), state_bytes=optimizer_state_bytes(optimizer))
+
+
+def measure_peak(config: Config, steps: int) -> int:
+    """Peak memory of a short run of ``config`` in a fresh process (bytes)."""
+    command = [sys.executable, __file__, "--peak-of", json.dumps(asdict(config)), "--steps", str(steps)]
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr else "peak run failed")
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _peak_main(config_json: str, steps: int) -> None:
+    config = Config(**json.loads(config_json))
+    if config.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    run(config, steps=steps, warmup=1)
+    if config.device == "cuda":
+        print(torch.cuda.max_memory_allocated())
+    else:  # ru_maxrss is in KiB on Linux
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def configurations(args) -> list[Config]:
+    configs = []
+    common = dict(batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    for model in args.models:
+        configs += [Config(model, "adamw", **common), Config(model, "sgd", **common)]
+        for T in args.T:
+            if "kfac" in args.methods:
+                configs.append(Config(model, "kfac", T=T, **common))
+            for structure in args.structures:
+                if "reference" in args.methods and STRUCTURES[structure] is not None:
+                    configs.append(Config(model, "reference", structure, T, **common))
+                if "ours" in args.methods:
+                    configs.append(Config(model, "ours", structure, T, **common))
+    return configs
+
+
+def _ratio(value: float, base: float | None) -> str:
+    return f"{value / base:.2f}" if base else "—"
+
+
+def report(results: list[Result]) -> str:
+    """A Markdown table of absolute numbers and ratios."""
+    by_key = {(r.config.model, r.config.method, r.config.structure, r.config.T): r for r in results}
+    lines = [
+        "| model | method | structure | T | step ms | ×AdamW | ×reference | state MB | state ×AdamW | peak MB | peak ×AdamW |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        c = r.config
+        if r.error:
+            lines.append(f"| {c.model} | {c.method} | {c.structure} | {c.T} | failed: {r.error} |||||||")
+            continue
+        adamw = by_key.get((c.model, "adamw", "", 1))
+        ref = by_key.get((c.model, "reference", c.structure, c.T)) if c.method == "ours" else None
+        lines.append(
+            f"| {c.model} | {c.method} | {c.structure or '—'} | {c.T if c.method not in ('adamw', 'sgd') else '—'} "
+            f"| {r.step_ms:.0f} | {_ratio(r.step_ms, adamw and adamw.step_ms)} "
+            f"| {_ratio(r.step_ms, ref and not ref.error and ref.step_ms)} "
+            f"| {r.state_bytes / 2**20:.2f} | {_ratio(r.state_bytes, adamw and adamw.state_bytes)} "
+            f"| {r.peak_bytes / 2**20:.0f} | {_ratio(r.peak_bytes, adamw and adamw.peak_bytes)} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["vgg", "vit", "convmixer"])
+    parser.add_argument("--structures", nargs="+", default=list(STRUCTURES), choices=list(STRUCTURES))
+    parser.add_argument("--methods", nargs="+", default=["kfac", "reference", "ours"], choices=["kfac", "reference", "ours"])
+    parser.add_argument("--T", nargs="+", type=int, default=[1, 10])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
+    parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--json", help="write all results to this file")
+    parser.add_argument("--peak-of", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.peak_of:
+        _peak_main(args.peak_of, args.steps)
+        return
+    print(f"# {platform.node()} · {platform.processor() or platform.machine()} · {os.cpu_count()} CPUs · "
+          f"torch {torch.__version__} · {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "") + f" · {args.dtype}", flush=True)
+    results = []
+    for config in configurations(args):
+        try:
+            result = run(config, args.steps, args.warmup)
+            if not args.no_peak:
+                result.peak_bytes = measure_peak(config, steps=2)
+        except Exception as err:  # a failing baseline must not stop the benchmark
+            result = Result(config, error=f"{type(err).__name__}: {err}"[:120])
+        results.append(result)
+        c = result.config
+        print(f"{c.model:10s} {c.method:9s} {c.structure:28s} T={c.T:<3d} "
+              f"{result.step_ms:9.1f} ms  state {result.state_bytes / 2**20:8.2f} MB  "
+              f"peak {result.peak_bytes / 2**20:8.0f} MB {result.error}", flush=True)
+    print()
+    print(report(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{**asdict(r.config), **{k: v for k, v in asdict(r).items() if k != "config"}} for r in results], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
