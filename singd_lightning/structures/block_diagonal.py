@@ -108,6 +108,13 @@ class BlockDiagonal(Structure):
         y_head, y_last = self._split_rows_of(y)
         return self._pack(y_head @ y_head.mT, y_last @ y_last.mT)
 
+    def project_gram(self, data: Tensor, x: Tensor) -> Tensor:
+        # Block by block: no concatenated Sᵀ x (a copy the size of x) in between.
+        blocks, last = self._blocks(data)
+        x_head, x_last = self._split_rows_of(x)
+        y_head, y_last = blocks.mT @ x_head, last.mT @ x_last
+        return self._pack(y_head @ y_head.mT, y_last @ y_last.mT)
+
     def project_self_gram(self, data: Tensor) -> Tensor:
         blocks, last = self._blocks(data)
         return self._pack(blocks.mT @ blocks, last.mT @ last)
