@@ -130,7 +130,10 @@ class Hierarchical(Structure):
         )
 
     def project_outer(self, y: Tensor) -> Tensor:
-        y1, y2, y3 = self._rows(y)
+        return self._project_outer_parts(*self._rows(y))
+
+    def _project_outer_parts(self, y1: Tensor, y2: Tensor, y3: Tensor) -> Tensor:
+        """Π(y yᵀ) from the row blocks ``y1`` (k1), ``y2`` (middle), ``y3`` (k2)."""
         return self._pack(
             y1 @ y1.mT,
             2 * (y1 @ y2.mT),
@@ -139,6 +142,16 @@ class Hierarchical(Structure):
             2 * (y3 @ y2.mT),
             y3 @ y3.mT,
         )
+
+    def project_gram(self, data: Tensor, x: Tensor) -> Tensor:
+        # Sᵀ x block by block, accumulating the large middle block in place: no
+        # concatenated copy and one temporary of the middle block's size.
+        A, B, C, D, E, F = self._parts(data)
+        x1, x2, x3 = self._rows(x)
+        y2 = B.mT @ x1
+        y2.addcmul_(D.unsqueeze(-1), x2)
+        y2 += E.mT @ x3
+        return self._project_outer_parts(A.mT @ x1, y2, C.mT @ x1 + F.mT @ x3)
 
     def project_self_gram(self, data: Tensor) -> Tensor:
         # Columns of S are [A; 0; 0], [B; D; E], [C; 0; F]; Sᵀ S block-wise.
