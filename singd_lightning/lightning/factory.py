@@ -8,6 +8,7 @@ also builds the first-order baselines by name.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Union
 
@@ -16,6 +17,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from singd_lightning.lightning.strategy import check_strategy
 from singd_lightning.optim import IKFAC, INGD, KFAC, SINGD, KroneckerOptimizer
 
 KRONECKER_OPTIMIZERS: dict[str, type[KroneckerOptimizer]] = {
@@ -47,8 +49,14 @@ def build_optimizer(module: nn.Module, name: str | type = "singd", **options: An
             class the trainable parameters).
         **options: The optimizer's keyword arguments.
 
+    When ``module`` is a ``LightningModule`` attached to a ``Trainer`` (i.e. this is
+    called from ``configure_optimizers``), a Kronecker optimizer gets the
+    trainer's loss scaler under ``precision="16-mixed"`` (unless ``grad_scaler``
+    is given), and a sharded strategy (FSDP, DeepSpeed) is refused.
+
     Raises:
-        ValueError: For an unknown name, listing the valid ones.
+        ValueError: For an unknown name, listing the valid ones, or an unsupported
+            strategy.
     """
     if isinstance(name, str):
         key = name.lower()
@@ -61,8 +69,51 @@ def build_optimizer(module: nn.Module, name: str | type = "singd", **options: An
     else:
         cls = name
     if isinstance(cls, type) and issubclass(cls, KroneckerOptimizer):
-        return cls(module, **options)
+        trainer = attached_trainer(module)
+        if trainer is not None:
+            check_strategy(trainer.strategy)
+        optimizer = cls(module, **options)
+        if trainer is not None:
+            if options.get("grad_scaler") is None:
+                attach_trainer_grad_scaler(optimizer, trainer)
+            _warn_float16_adamw(optimizer, trainer)
+        return optimizer
     return cls([p for p in module.parameters() if p.requires_grad], **options)
+
+
+def _warn_float16_adamw(optimizer: Optimizer, trainer: Any) -> None:
+    if str(getattr(trainer, "precision", "")) not in ("16-true", "16"):
+        return
+    if any(g["role"] == "fallback" and g["fallback"] == "adamw" for g in optimizer.param_groups):
+        warnings.warn(
+            "precision='16-true': the AdamW fallback keeps its moments in float16, where "
+            "squared gradients and eps=1e-8 underflow to 0 (as with torch.optim.AdamW), so "
+            "the fallback parameters can become inf. Use fallback='sgd', a larger "
+            "fallback_eps, or precision='16-mixed'/'bf16-mixed'.",
+            stacklevel=3,
+        )
+
+
+def attached_trainer(module: nn.Module) -> Any:
+    """The Lightning ``Trainer`` that ``module`` is attached to, or None."""
+    return getattr(module, "_trainer", None)
+
+
+def trainer_grad_scaler(trainer: Any) -> torch.amp.GradScaler | None:
+    """The loss scaler of the trainer's precision plugin ("16-mixed"), or None."""
+    plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
+    scaler = getattr(plugin, "scaler", None)
+    return scaler if isinstance(scaler, torch.amp.GradScaler) else None
+
+
+def attach_trainer_grad_scaler(optimizer: Optimizer, trainer: Any) -> None:
+    """Attach the trainer's loss scaler to a Kronecker optimizer (see
+    :meth:`~singd_lightning.optim.base.KroneckerOptimizer.attach_grad_scaler`), so
+    that its curvature statistics are un-scaled under ``precision="16-mixed"``."""
+    scaler = trainer_grad_scaler(trainer)
+    if scaler is not None and isinstance(optimizer, KroneckerOptimizer):
+        optimizer.attach_grad_scaler(scaler)
+
 
 
 def _scheduler_config(optimizer: Optimizer, scheduler: SchedulerSpec) -> dict[str, Any] | None:
@@ -98,6 +149,10 @@ def configure_singd(
             )
 
     It works with manual optimisation too (``self.optimizers()`` returns it).
+    Under ``precision="16-mixed"`` the trainer's GradScaler is attached to the
+    optimizer, so the curvature statistics are un-scaled exactly. Lightning's
+    gradient clipping (``gradient_clip_val``, by norm or by value) clips the raw
+    gradient before it is preconditioned; the statistics are not clipped.
 
     Args:
         module: The LightningModule.

@@ -1,0 +1,306 @@
+"""Lightning callbacks: attach SINGD to any ``LightningModule``, and log its
+diagnostics.
+
+:class:`SINGDCallback` swaps the optimizer a module configured for SINGD (or
+INGD, IKFAC, KFAC) when fitting starts, and points the module's LR schedulers at
+it; :class:`SINGDDiagnostics` (which ``SINGDCallback`` includes) logs how the
+optimizer is doing through the trainer's loggers.
+
+Gradient clipping (``Trainer(gradient_clip_val=..., gradient_clip_algorithm=
+"norm"|"value")``) acts on the raw, un-scaled gradient before it is
+preconditioned: Lightning clips in ``on_before_optimizer_step`` territory,
+before the optimizer's ``step`` runs. The curvature statistics are not clipped.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.core.optimizer import _MockOptimizer
+from torch.optim import Optimizer
+
+from singd_lightning.lightning.factory import (
+    KRONECKER_OPTIMIZERS,
+    build_optimizer,
+    trainer_grad_scaler,
+)
+from singd_lightning.lightning.schedulers import retarget_scheduler
+from singd_lightning.lightning.strategy import check_strategy
+from singd_lightning.optim import KroneckerOptimizer
+
+_BF16_PRECISIONS = ("bf16-mixed", "bf16-true", "bf16")
+
+
+class SINGDDiagnostics(Callback):
+    """Log the diagnostics of the trainer's Kronecker optimizers every
+    ``Trainer(log_every_n_steps=...)`` optimizer steps, through its loggers.
+
+    Use it on its own with an optimizer from
+    :func:`~singd_lightning.lightning.configure_singd`; :class:`SINGDCallback`
+    already includes it. Logged (prefix ``singd/``, on global rank 0 only):
+
+    * ``optimizer_time_share``: time of the optimizer step (including gradient
+      clipping) divided by the time of the whole training batch (all its
+      accumulated micro-batches), plus ``optimizer_step_ms`` and ``batch_ms``;
+    * ``update_norm_K``/``update_norm_C`` (KFAC: ``_A``/``_G``/...): Frobenius norm
+      of the latest preconditioner update, over all layers;
+    * ``tau_KKt_min``/``_max`` and ``tau_CCt_min``/``_max``: the range over layers
+      of τ(K Kᵀ) = trace/dim after the latest preconditioner update;
+    * ``skipped_steps``: steps skipped for non-finite values, by the optimizer or
+      by the loss scaler (under ``"16-mixed"``), and
+      ``rejected_preconditioner_updates``; ``grad_scale`` under a loss scaler;
+    * ``peak_memory_mib``: the device's peak allocated memory since the last log
+      (on CUDA only).
+
+    Only logged steps synchronise with the device; the optimizer's
+    ``track_diagnostics`` is switched on only when something is logged.
+
+    Args:
+        log_diagnostics: False turns all of it off.
+    """
+
+    def __init__(self, log_diagnostics: bool = True) -> None:
+        self.log_diagnostics = bool(log_diagnostics)
+        self.scaler_skipped_steps = 0
+        self._optimizers: list[KroneckerOptimizer] = []
+        self._handles: list = []
+        self._active = False
+        self._reset_batch()
+        self._measure = False
+        self._t_window: float | None = None
+
+    # ----------------------------------------------------------- lifecycle
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler_skipped_steps": self.scaler_skipped_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scaler_skipped_steps = int(state_dict.get("scaler_skipped_steps", 0))
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove_step_hooks()
+        self._optimizers = [o for o in trainer.optimizers if isinstance(o, KroneckerOptimizer)]
+        self._active = (
+            self.log_diagnostics
+            and bool(self._optimizers)
+            and bool(trainer.loggers)
+            and trainer.log_every_n_steps > 0
+        )
+        for optimizer in self._optimizers:
+            optimizer.track_diagnostics = self._active
+            self._handles.append(optimizer.register_step_post_hook(self._after_step))
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove_step_hooks()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._remove_step_hooks()
+
+    def _remove_step_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # -------------------------------------------------------------- timing
+    def _reset_batch(self) -> None:
+        self._attempted = False
+        self._stepped = False
+        self._t_step: tuple[float, float] | None = None
+        self._t_before_step: float | None = None
+
+    def _now(self, trainer: Trainer) -> float:
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._reset_batch()
+        if batch_idx % max(trainer.accumulate_grad_batches, 1) == 0:  # a new optimizer step begins
+            self._measure = (
+                self._active
+                and trainer.is_global_zero
+                and (trainer.global_step + 1) % trainer.log_every_n_steps == 0
+            )
+            self._t_window = self._now(trainer) if self._measure else None
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
+        if any(optimizer is o for o in self._optimizers):
+            self._attempted = True
+            if self._measure:
+                self._t_before_step = self._now(trainer)
+
+    def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        self._stepped = True
+        if self._measure and self._t_before_step is not None:
+            trainer = getattr(self, "_trainer", None)
+            end = self._now(trainer) if trainer is not None else time.perf_counter()
+            self._t_step = (self._t_before_step, end)
+
+    # ------------------------------------------------------------- logging
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._attempted:  # a non-final micro-batch of an accumulated step
+            return
+        if not self._stepped:  # the loss scaler skipped the step (inf/NaN gradients)
+            self.scaler_skipped_steps += 1
+        if not self._active or not trainer.is_global_zero or trainer.global_step % trainer.log_every_n_steps != 0:
+            return
+        metrics = self._timing(trainer)
+        metrics.update(self._optimizer_metrics(trainer))
+        prefixed = {f"singd/{key}": value for key, value in metrics.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(prefixed, step=max(trainer.global_step - 1, 0))
+
+    def _timing(self, trainer: Trainer) -> dict[str, float]:
+        if not (self._measure and self._t_step is not None and self._t_window is not None):
+            return {}
+        end = self._now(trainer)
+        step_time = self._t_step[1] - self._t_step[0]
+        batch_time = end - self._t_window
+        return {
+            "optimizer_time_share": step_time / batch_time if batch_time > 0 else float("nan"),
+            "optimizer_step_ms": 1e3 * step_time,
+            "batch_ms": 1e3 * batch_time,
+        }
+
+    def _optimizer_metrics(self, trainer: Trainer) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        norms: dict[str, list[torch.Tensor]] = {}
+        taus: dict[str, list[torch.Tensor]] = {}
+        for optimizer in self._optimizers:
+            for layer_values in optimizer.last_diagnostics.values():
+                for key, value in layer_values.items():
+                    if key.startswith("update_norm_"):
+                        norms.setdefault(key, []).append(value.detach().float().reshape(()))
+                    elif key.startswith("tau_"):
+                        taus.setdefault(key, []).append(value.detach().float().reshape(()))
+        names, values = [], []
+        for key, tensors in norms.items():
+            names.append(key)
+            values.append(torch.stack([t.to(tensors[0].device) for t in tensors]).square().sum().sqrt())
+        for key, tensors in taus.items():
+            stacked = torch.stack([t.to(tensors[0].device) for t in tensors])
+            names += [f"{key}_min", f"{key}_max"]
+            values += [stacked.min(), stacked.max()]
+        if values:  # one device-to-host copy for all of them
+            host = torch.stack([v.to(values[0].device) for v in values]).cpu().tolist()
+            metrics.update(zip(names, host))
+        metrics["skipped_steps"] = float(sum(o.skipped_steps for o in self._optimizers) + self.scaler_skipped_steps)
+        metrics["rejected_preconditioner_updates"] = float(
+            sum(o.rejected_preconditioner_updates for o in self._optimizers)
+        )
+        scaler = trainer_grad_scaler(trainer)
+        if scaler is not None and scaler.is_enabled():
+            metrics["grad_scale"] = float(scaler.get_scale())
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            metrics["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            torch.cuda.reset_peak_memory_stats(device)
+        return metrics
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+
+class SINGDCallback(SINGDDiagnostics):
+    """Train any ``LightningModule`` with SINGD, without changing its code.
+
+    ::
+
+        trainer = Trainer(callbacks=[SINGDCallback(lr=1e-3, structures=("diagonal", "diagonal"))])
+        trainer.fit(model)
+
+    When fitting starts (``on_fit_start``, after Lightning has called
+    ``configure_optimizers`` and before it restores a checkpoint's optimizer
+    state), the optimizer the module configured is replaced by a new SINGD built
+    on the (unwrapped) module, with the parameter groups of the replaced optimizer
+    (its partition only, not its hyper-parameters; all trainable parameters if
+    ``configure_optimizers`` returned None). Its LR schedulers are re-targeted to
+    the new optimizer (see
+    :func:`~singd_lightning.lightning.schedulers.retarget_scheduler`) and keep
+    driving its learning rates, the fallback group's included; they keep their
+    Lightning settings (interval, frequency, monitor). Resuming with
+    ``trainer.fit(..., ckpt_path=...)`` loads the checkpoint's optimizer state into
+    the new optimizer. The module must still define ``configure_optimizers``
+    (Lightning requires it); it may return None.
+
+    Under ``precision="16-mixed"`` the trainer's GradScaler is attached, so the
+    curvature statistics are un-scaled exactly and inf steps leave the optimizer
+    untouched. Gradient clipping clips the raw gradient before preconditioning.
+    Supported strategies: single device and DDP (``"ddp"``, ``"ddp_spawn"``, ...);
+    sharded ones (FSDP, DeepSpeed) fail in ``setup`` with an error.
+
+    Args:
+        optimizer: ``"singd"`` (default), ``"ingd"``, ``"ikfac"`` or ``"kfac"``.
+        log_diagnostics: Log diagnostics (see :class:`SINGDDiagnostics`).
+        preconditioner_dtype: As for the optimizer (default: the parameter dtype);
+            ``"auto"`` picks bfloat16 factors under the ``"bf16-mixed"`` and
+            ``"bf16-true"`` precisions and the default otherwise.
+        **options: The optimizer's keyword arguments (``lr``, ``structures``,
+            ``T``, ``fallback_lr``, ...).
+    """
+
+    def __init__(self, optimizer: str = "singd", log_diagnostics: bool = True, **options: Any) -> None:
+        super().__init__(log_diagnostics=log_diagnostics)
+        key = optimizer.lower() if isinstance(optimizer, str) else optimizer
+        if key not in KRONECKER_OPTIMIZERS:
+            raise ValueError(
+                f"Unknown optimizer {optimizer!r} for SINGDCallback. Valid names: {', '.join(KRONECKER_OPTIMIZERS)}."
+            )
+        self.optimizer_name = key
+        self.options = options
+        self.optimizer: KroneckerOptimizer | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            check_strategy(trainer.strategy)
+
+    def _options(self, trainer: Trainer) -> dict[str, Any]:
+        options = dict(self.options)
+        if options.get("preconditioner_dtype") == "auto":
+            bf16 = str(trainer.precision) in _BF16_PRECISIONS
+            options["preconditioner_dtype"] = ("bfloat16", "bfloat16") if bf16 else (None, None)
+        return options
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        strategy = trainer.strategy
+        configured = [o for o in strategy.optimizers if not isinstance(o, _MockOptimizer)]
+        if len(configured) > 1:
+            raise ValueError(
+                f"SINGDCallback replaces one optimizer, but configure_optimizers returned {len(configured)}. "
+                "Build SINGD yourself with singd_lightning.lightning.configure_singd instead."
+            )
+        old = configured[0] if configured else None
+        options = self._options(trainer)
+        module_params = {id(p) for p in pl_module.parameters()}
+        if "params" not in options and old is not None:
+            old_params = [p for g in old.param_groups for p in g["params"]]
+            if all(id(p) in module_params for p in old_params):
+                options["params"] = [{"params": list(g["params"])} for g in old.param_groups if g["params"]]
+        if isinstance(old, KroneckerOptimizer):
+            old.remove_hooks()
+        if self.optimizer is not None:  # from an earlier fit with this callback
+            self.optimizer.remove_hooks()
+        optimizer = build_optimizer(pl_module, self.optimizer_name, **options)
+        if old is not None:
+            index_of = {id(p): j for j, g in enumerate(old.param_groups) for p in g["params"]}
+            group_map = [index_of.get(id(g["params"][0]), 0) for g in optimizer.param_groups]
+            for config in strategy.lr_scheduler_configs:
+                retarget_scheduler(config.scheduler, optimizer, group_map)
+        strategy.optimizers = [optimizer]
+        self.optimizer = optimizer
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if stage == "fit" and self.optimizer is not None:
+            # The module may be fitted again (Lightning calls configure_optimizers
+            # anew): leave no curvature hooks behind.
+            self.optimizer.remove_hooks()
+
+
+__all__ = ["SINGDCallback", "SINGDDiagnostics"]

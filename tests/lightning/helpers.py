@@ -1,0 +1,113 @@
+"""Small modules, data and trainer settings shared by the Lightning tests.
+
+Everything lives at module level so that ``ddp_spawn`` can pickle it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+QUIET = {
+    "accelerator": "cpu",
+    "devices": 1,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "logger": False,
+    "enable_checkpointing": False,
+    "num_sanity_val_steps": 0,
+}
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def dataset(n: int = 48, seed: int = 0) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 6, 6, generator=generator)
+    y = torch.randint(0, 3, (n,), generator=generator)
+    return TensorDataset(x, y)
+
+
+class PlainModule(pl.LightningModule):
+    """Conv2d, LayerNorm, Linear and a bare parameter; AdamW with a StepLR.
+
+    It knows nothing about SINGD.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 8,
+        n: int = 48,
+        scheduler: dict[str, Any] | None = None,
+        optimizer: str = "adamw",
+        sampler: type | None = None,
+    ) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 3, kernel_size=3, padding=1)
+        self.norm = nn.LayerNorm(3 * 6 * 6)
+        self.linear = nn.Linear(3 * 6 * 6, 3)
+        self.offset = nn.Parameter(torch.zeros(3))
+        self.batch_size = batch_size
+        self.n = n
+        self.scheduler = scheduler if scheduler is not None else {"interval": "epoch", "step_size": 1, "gamma": 0.5}
+        self.optimizer_kind = optimizer
+        self.sampler = sampler
+        self.poison_steps: set[int] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.linear(self.norm(h)) + self.offset
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = nn.functional.cross_entropy(logits.float() if logits.dtype in LOW_PRECISION else logits, y)
+        if self.global_step in self.poison_steps:
+            loss = loss * float("inf")
+        return loss
+
+    def configure_optimizers(self):
+        if self.optimizer_kind == "none":
+            return None
+        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3)
+        config = dict(self.scheduler)
+        interval = config.pop("interval")
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, **config)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def train_dataloader(self):
+        data = dataset(self.n)
+        if self.sampler is not None:
+            sampler = self.sampler(len(data), self.trainer.global_rank, self.trainer.world_size)
+            return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
+        return DataLoader(data, batch_size=self.batch_size, shuffle=False)
+
+
+class InterleavedSampler(Sampler):
+    """Rank ``r`` of ``W`` gets samples ``r, r + W, r + 2W, ...`` in order."""
+
+    def __init__(self, n: int, rank: int, world_size: int) -> None:
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def parameters(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def singd_options(**overrides: Any) -> dict[str, Any]:
+    options = {"lr": 0.05, "fallback_lr": 0.01, "T": 2, "damping": 1e-3, "lr_cov": 0.05, "momentum": 0.9}
+    options.update(overrides)
+    return options
+
