@@ -1,0 +1,44 @@
+"""The benchmark and scaling scripts run end to end and write their outputs
+(smoke tests at tiny sizes; the numbers themselves come from running the scripts)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_benchmark_writes_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--models", "convmixer",
+         "--structures", "diagonal", "--T", "1", "--batch-size", "2", "--steps", "1",
+         "--warmup", "0", "--methods", "ours", "reference", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    methods = {(r["method"], r["structure"]) for r in rows}
+    assert {("adamw", ""), ("sgd", ""), ("reference", "diagonal"), ("ours", "diagonal")} == methods
+    assert all(r["error"] == "" and r["step_ms"] > 0 and r["peak_bytes"] > 0 for r in rows)
+    ours = next(r for r in rows if r["method"] == "ours")
+    adamw = next(r for r in rows if r["method"] == "adamw")
+    assert 0 < ours["state_bytes"] < adamw["state_bytes"]  # diagonal SINGD is leaner than AdamW
+    assert "| convmixer | ours | diagonal | 1 |" in result.stdout
+
+
+def test_scaling_sweep_plots(tmp_path):
+    png, data = tmp_path / "scaling.png", tmp_path / "scaling.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "scaling.py"), "--dims", "8", "16",
+         "--structures", "dense", "diagonal", "tril_toeplitz", "--repeats", "1",
+         "--out", str(png), "--json", str(data)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    storage = {(r["structure"], r["dim"]): r["storage"] for r in json.loads(data.read_text())}
+    assert storage[("dense", 16)] == 256 and storage[("diagonal", 16)] == 16
