@@ -8,8 +8,9 @@ optimizer is doing through the trainer's loggers.
 
 Gradient clipping (``Trainer(gradient_clip_val=..., gradient_clip_algorithm=
 "norm"|"value")``) acts on the raw, un-scaled gradient before it is
-preconditioned: Lightning clips in ``on_before_optimizer_step`` territory,
-before the optimizer's ``step`` runs. The curvature statistics are not clipped.
+preconditioned: Lightning clips after the backward pass(es) and the loss
+scaler's un-scaling, right before it calls the optimizer's ``step``, which then
+preconditions the clipped gradient. The curvature statistics are not clipped.
 """
 
 from __future__ import annotations
