@@ -480,7 +480,18 @@ class KroneckerOptimizer(Optimizer):
         if kronecker is None:
             raise ValueError("state_dict has no 'kronecker' entry: not a state of this optimizer.")
         callables = [{k: v for k, v in g.items() if callable(v)} for g in self.param_groups]
+        # PyTorch casts saved state to the parameter dtype; the fallback keeps the
+        # moments of half-precision parameters in float32, so restore those as saved.
+        params = [p for g in self.param_groups for p in g["params"]]
+        float32_moments = {
+            index: {k: v for k, v in saved.items() if k in ("exp_avg", "exp_avg_sq") and v.dtype == torch.float32}
+            for index, saved in state_dict.get("state", {}).items()
+            if index < len(params) and params[index].dtype in (torch.float16, torch.bfloat16)
+        }
         super().load_state_dict(state_dict)
+        for index, moments in float32_moments.items():
+            for key, value in moments.items():
+                self.state[params[index]][key] = value.to(params[index].device)
         for group, saved in zip(self.param_groups, callables):
             for key, value in saved.items():
                 if group.get(key) == _CALLABLE:

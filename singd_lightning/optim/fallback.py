@@ -14,8 +14,14 @@ import torch
 from torch import Tensor
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def adamw_step(params: list[Tensor], state: dict, group: dict) -> None:
     """One decoupled-weight-decay Adam step for the parameters that have a gradient.
+
+    The moments of half-precision parameters are kept in float32: in float16
+    the squared gradients underflow and ``eps`` rounds to zero.
 
     Args:
         params: Parameters of one fallback group, all with ``.grad``.
@@ -33,11 +39,12 @@ def adamw_step(params: list[Tensor], state: dict, group: dict) -> None:
     for p in params:
         st = state[p]
         if "exp_avg" not in st:
+            moment_dtype = torch.float32 if p.dtype in _HALF else p.dtype
             st["step"] = torch.tensor(0.0)
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
         st["step"] += 1
-        grads.append(p.grad)
+        grads.append(p.grad.to(st["exp_avg"].dtype))
         exp_avgs.append(st["exp_avg"])
         exp_avg_sqs.append(st["exp_avg_sq"])
         steps.append(int(st["step"].item()))
@@ -49,7 +56,13 @@ def adamw_step(params: list[Tensor], state: dict, group: dict) -> None:
     denoms = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denoms, [math.sqrt(1.0 - beta2**t) for t in steps])
     torch._foreach_add_(denoms, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denoms, [-lr / (1.0 - beta1**t) for t in steps])
+    step_sizes = [-lr / (1.0 - beta1**t) for t in steps]
+    if all(p.dtype == m.dtype for p, m in zip(params, exp_avgs)):
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, step_sizes)
+        return
+    updates = torch._foreach_div(exp_avgs, denoms)
+    torch._foreach_mul_(updates, step_sizes)
+    torch._foreach_add_(params, [u.to(p.dtype) for p, u in zip(params, updates)])
 
 
 def sgd_step(params: list[Tensor], state: dict, group: dict) -> None:

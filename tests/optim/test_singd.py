@@ -408,3 +408,25 @@ def test_reference_aliases(alias, expected):
     optimizer = SINGD(model, structures=(alias, alias))
     layout = optimizer.layouts(optimizer.layers[0])[0]
     assert (type(layout).__name__, layout.options()) == expected
+
+
+def test_fallback_moments_of_half_parameters_stay_float32_through_checkpoints():
+    """AdamW moments of float16 parameters are kept in float32 (in float16 the
+    squared gradients underflow) and survive a state_dict round trip exactly."""
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(4).half()
+    optimizer = SINGD(norm, lr=1e-3)
+    x = torch.randn(3, 4).half()
+    for _ in range(2):
+        optimizer.zero_grad()
+        (norm(x).float() * 1e-4).sum().backward()  # tiny gradients: their squares underflow in fp16
+        optimizer.step()
+    moments = optimizer.state[norm.weight]
+    assert moments["exp_avg_sq"].dtype == torch.float32 and moments["exp_avg_sq"].abs().max() > 0
+    assert torch.isfinite(norm.weight).all()
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = SINGD(norm, lr=1e-3)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert torch.equal(fresh.state[norm.weight]["exp_avg_sq"], moments["exp_avg_sq"])
