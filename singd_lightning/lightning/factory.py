@@ -8,7 +8,6 @@ also builds the first-order baselines by name.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Union
 
@@ -76,22 +75,8 @@ def build_optimizer(module: nn.Module, name: str | type = "singd", **options: An
         if trainer is not None:
             if options.get("grad_scaler") is None:
                 attach_trainer_grad_scaler(optimizer, trainer)
-            _warn_float16_adamw(optimizer, trainer)
         return optimizer
     return cls([p for p in module.parameters() if p.requires_grad], **options)
-
-
-def _warn_float16_adamw(optimizer: Optimizer, trainer: Any) -> None:
-    if str(getattr(trainer, "precision", "")) not in ("16-true", "16"):
-        return
-    if any(g["role"] == "fallback" and g["fallback"] == "adamw" for g in optimizer.param_groups):
-        warnings.warn(
-            "precision='16-true': the AdamW fallback keeps its moments in float16, where "
-            "squared gradients and eps=1e-8 underflow to 0 (as with torch.optim.AdamW), so "
-            "the fallback parameters can become inf. Use fallback='sgd', a larger "
-            "fallback_eps, or precision='16-mixed'/'bf16-mixed'.",
-            stacklevel=3,
-        )
 
 
 def attached_trainer(module: nn.Module) -> Any:

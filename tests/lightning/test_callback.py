@@ -93,12 +93,11 @@ def test_auto_preconditioner_dtype_under_bf16_mixed():
     assert next(PlainModule().parameters()).dtype == torch.float32
 
 
-def test_16_true_runs_with_sgd_fallback():
-    with pytest.warns(UserWarning, match="fallback='sgd'"):
-        _fit(PlainModule(), SINGDCallback(**singd_options()), max_steps=1, precision="16-true")
+@pytest.mark.parametrize("fallback", ["adamw", "sgd"])
+def test_16_true_trains_every_parameter(fallback):
     module = PlainModule()
     before = parameters(module)
-    trainer = _fit(module, SINGDCallback(**singd_options(fallback="sgd")), max_steps=4, precision="16-true")
+    trainer = _fit(module, SINGDCallback(**singd_options(fallback=fallback)), max_steps=4, precision="16-true")
     assert trainer.optimizers[0].skipped_steps == 0
     for name, value in module.named_parameters():
         assert value.dtype == torch.float16
