@@ -144,14 +144,43 @@ class Hierarchical(Structure):
         )
 
     def project_gram(self, data: Tensor, x: Tensor) -> Tensor:
-        # Sᵀ x block by block, accumulating the large middle block in place: no
-        # concatenated copy and one temporary of the middle block's size.
+        """Π(Sᵀ x xᵀ S) from three small statistics of ``x``, never forming ``Sᵀ x``.
+
+        With ``P = [x1; x3]`` the border rows of ``x`` (``k = n1 + n2`` of them) and
+        ``Kb = [[A, B, C], [0, E, F]]`` the border rows of ``S``, ``Sᵀ x`` is
+        ``Kbᵀ P`` plus ``D x2`` in the middle rows. Every entry of the projection
+        then follows from ``P xᵀ`` (``k × d``, one product over the ``n`` columns)
+        and the middle rows' sums of squares; the rest is ``O(k² d)``.
+        """
         A, B, C, D, E, F = self._parts(data)
+        n1, m, n2 = self.n1, self.m, self.n2
         x1, x2, x3 = self._rows(x)
-        y2 = B.mT @ x1
-        y2.addcmul_(D.unsqueeze(-1), x2)
-        y2 += E.mT @ x3
-        return self._project_outer_parts(A.mT @ x1, y2, C.mT @ x1 + F.mT @ x3)
+        border = torch.cat([x1, x3], dim=-2)  # P, (k, n)
+        px = border @ x.mT  # P xᵀ, (k, d)
+        gram = torch.cat([px[..., :n1], px[..., n1 + m :]], dim=-1)  # P Pᵀ, (k, k)
+        cross = px[..., n1 : n1 + m]  # P x2ᵀ, (k, m)
+        top = torch.cat([A, B, C], dim=-1)
+        bottom = torch.cat([E.new_zeros(*E.shape[:-1], n1), E, F], dim=-1)
+        kb = torch.cat([top, bottom], dim=-2)  # Kb, (k, d)
+        kb_border = torch.cat([kb[..., :n1], kb[..., n1 + m :]], dim=-1)  # (k, k)
+        kb_mid = kb[..., n1 : n1 + m]  # (k, m)
+        # P yᵀ for y = Sᵀ x: P Pᵀ Kb plus P x2ᵀ D in the middle columns.
+        p_y = gram @ kb
+        diag_mid = (kb_mid * p_y[..., n1 : n1 + m]).sum(dim=-2)
+        diag_mid = diag_mid + 2 * D * (kb_mid * cross).sum(dim=-2)
+        diag_mid = diag_mid + D.square() * torch.linalg.vector_norm(x2, dim=-1).square()
+        p_y = torch.cat([p_y[..., :n1], p_y[..., n1 : n1 + m] + cross * D.unsqueeze(-2), p_y[..., n1 + m :]], dim=-1)
+        # Border rows of y yᵀ: (Kb's border columns)ᵀ P yᵀ, (k, d).
+        rows = kb_border.mT @ p_y
+        r1, r3 = rows[..., :n1, :], rows[..., n1:, :]
+        return self._pack(
+            r1[..., :n1],
+            2 * r1[..., n1 : n1 + m],
+            2 * r1[..., n1 + m :],
+            diag_mid,
+            2 * r3[..., n1 : n1 + m],
+            r3[..., n1 + m :],
+        )
 
     def project_self_gram(self, data: Tensor) -> Tensor:
         # Columns of S are [A; 0; 0], [B; D; E], [C; 0; F]; Sᵀ S block-wise.
