@@ -109,9 +109,14 @@ class BlockDiagonal(Structure):
         return self._pack(y_head @ y_head.mT, y_last @ y_last.mT)
 
     def project_gram(self, data: Tensor, x: Tensor) -> Tensor:
-        # Block by block: no concatenated Sᵀ x (a copy the size of x) in between.
+        # Block by block, Bᵀ (x_b x_bᵀ) B: one pass over x and no Sᵀ x the size of x
+        # when x has more columns than twice the block size (else Sᵀ x first).
         blocks, last = self._blocks(data)
         x_head, x_last = self._split_rows_of(x)
+        if x.shape[-1] > 2 * self.block_size:
+            return self._pack(
+                blocks.mT @ (x_head @ x_head.mT) @ blocks, last.mT @ (x_last @ x_last.mT) @ last
+            )
         y_head, y_last = blocks.mT @ x_head, last.mT @ x_last
         return self._pack(y_head @ y_head.mT, y_last @ y_last.mT)
 

@@ -35,6 +35,14 @@ class Dense(Structure):
     def project_outer(self, y: Tensor) -> Tensor:
         return (y @ y.mT).flatten(-2)
 
+    def project_gram(self, data: Tensor, x: Tensor) -> Tensor:
+        # Kᵀ (x xᵀ) K costs d²n + 2d³, (Kᵀ x)(Kᵀ x)ᵀ costs 2d²n: pick the cheaper.
+        mat = self._mat(data)
+        if x.shape[-1] > 2 * self.dim:
+            return (mat.mT @ (x @ x.mT) @ mat).flatten(-2)
+        y = mat.mT @ x
+        return (y @ y.mT).flatten(-2)
+
     def project_self_gram(self, data: Tensor) -> Tensor:
         mat = self._mat(data)
         return (mat.mT @ mat).flatten(-2)
