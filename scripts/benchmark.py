@@ -1,7 +1,8 @@
 """Train-step time, optimizer state and peak memory of SINGD against its baselines.
 
 Times the full train step (forward + backward + optimizer step; median over
-``--steps`` steps after ``--warmup``) in one process for AdamW, SGD, KFAC, the
+``--steps`` steps after ``--warmup``, the configurations of a model stepping in
+turn so that background load hits them alike) in one process for AdamW, SGD, KFAC, the
 published reference package ``singd`` (each structure it has) and ours (each
 structure), at the given ``T`` values, on three CIFAR-size models, and prints
 ratios against AdamW and against the reference run in the same process. Peak
@@ -123,28 +124,57 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run(config: Config, steps: int, warmup: int) -> Result:
-    """Train ``steps + warmup`` steps on random data; time the last ``steps``."""
-    torch.manual_seed(0)
-    device = torch.device(config.device)
-    model = build_model(config.model).to(device)
-    x = torch.randn(config.batch_size, 3, 32, 32, device=device)
-    y = torch.randint(0, 100, (config.batch_size,), device=device)
-    optimizer = build_optimizer(config, model)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bf16")
-    times = []
-    for step in range(warmup + steps):
-        _synchronize(config.device)
+class _Trainee:
+    """One configuration's model, data and optimizer, stepping on demand."""
+
+    def __init__(self, config: Config) -> None:
+        torch.manual_seed(0)
+        device = torch.device(config.device)
+        self.config = config
+        self.model = build_model(config.model).to(device)
+        self.x = torch.randn(config.batch_size, 3, 32, 32, device=device)
+        self.y = torch.randint(0, 100, (config.batch_size,), device=device)
+        self.optimizer = build_optimizer(config, self.model)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bf16")
+        self.times: list[float] = []
+
+    def step(self, record: bool) -> None:
+        _synchronize(self.config.device)
         start = time.perf_counter()
-        optimizer.zero_grad()
-        with autocast:
-            loss = nn.functional.cross_entropy(model(x), y)
+        self.optimizer.zero_grad()
+        with self.autocast:
+            loss = nn.functional.cross_entropy(self.model(self.x), self.y)
         loss.backward()
-        optimizer.step()
-        _synchronize(config.device)
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    return Result(config, step_ms=1e3 * statistics.median(times), state_bytes=optimizer_state_bytes(optimizer))
+        self.optimizer.step()
+        _synchronize(self.config.device)
+        if record:
+            self.times.append(time.perf_counter() - start)
+
+
+def run(configs: list[Config], steps: int, warmup: int) -> list[Result]:
+    """Train every configuration ``warmup + steps`` steps, interleaved round by
+    round so that background load affects all of them alike; the median of the
+    last ``steps`` step times is reported."""
+    trainees, results = [], {}
+    for config in configs:
+        try:
+            trainees.append(_Trainee(config))
+        except Exception as err:  # a failing baseline must not stop the benchmark
+            results[id(config)] = Result(config, error=f"{type(err).__name__}: {err}"[:120])
+    for step in range(warmup + steps):
+        for trainee in list(trainees):
+            try:
+                trainee.step(record=step >= warmup)
+            except Exception as err:
+                results[id(trainee.config)] = Result(trainee.config, error=f"{type(err).__name__}: {err}"[:120])
+                trainees.remove(trainee)
+    for trainee in trainees:
+        results[id(trainee.config)] = Result(
+            trainee.config,
+            step_ms=1e3 * statistics.median(trainee.times),
+            state_bytes=optimizer_state_bytes(trainee.optimizer),
+        )
+    return [results[id(config)] for config in configs]
 
 
 def measure_peak(config: Config, steps: int) -> int:
@@ -160,7 +190,7 @@ def _peak_main(config_json: str, steps: int) -> None:
     config = Config(**json.loads(config_json))
     if config.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    run(config, steps=steps, warmup=1)
+    run([config], steps=steps, warmup=1)
     if config.device == "cuda":
         print(torch.cuda.max_memory_allocated())
     else:  # ru_maxrss is in KiB on Linux
@@ -233,18 +263,20 @@ def main(argv: list[str] | None = None) -> None:
           f"torch {torch.__version__} · {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "") + f" · {args.dtype}", flush=True)
     results = []
-    for config in configurations(args):
-        try:
-            result = run(config, args.steps, args.warmup)
-            if not args.no_peak:
-                result.peak_bytes = measure_peak(config, steps=2)
-        except Exception as err:  # a failing baseline must not stop the benchmark
-            result = Result(config, error=f"{type(err).__name__}: {err}"[:120])
-        results.append(result)
-        c = result.config
-        print(f"{c.model:10s} {c.method:9s} {c.structure:28s} T={c.T:<3d} "
-              f"{result.step_ms:9.1f} ms  state {result.state_bytes / 2**20:8.2f} MB  "
-              f"peak {result.peak_bytes / 2**20:8.0f} MB {result.error}", flush=True)
+    configs = configurations(args)
+    for model in args.models:  # one interleaved group per model
+        group = run([c for c in configs if c.model == model], args.steps, args.warmup)
+        for result in group:
+            if not args.no_peak and not result.error:
+                try:
+                    result.peak_bytes = measure_peak(result.config, steps=2)
+                except RuntimeError as err:
+                    result.error = f"peak: {err}"[:120]
+            c = result.config
+            print(f"{c.model:10s} {c.method:9s} {c.structure:28s} T={c.T:<3d} "
+                  f"{result.step_ms:9.1f} ms  state {result.state_bytes / 2**20:8.2f} MB  "
+                  f"peak {result.peak_bytes / 2**20:8.0f} MB {result.error}", flush=True)
+        results += group
     print()
     print(report(results))
     if args.json:
