@@ -45,8 +45,8 @@ def test_ikfac_fixed_point_is_damped_kfac_inverse():
     x = torch.randn(40, 5, dtype=torch.float64)
     y = torch.randint(0, 3, (40,))
     damping = 0.1
-    optimizer = IKFAC(layer, lr=0.0, momentum=0.0, damping=damping, lr_cov=0.2, T=1)
-    for _ in range(400):
+    optimizer = IKFAC(layer, lr=0.0, momentum=0.0, damping=damping, lr_cov=0.5, T=1)
+    for _ in range(150):
         optimizer.zero_grad()
         nn.functional.cross_entropy(layer(x), y).backward()
         optimizer.step()
