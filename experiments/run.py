@@ -1,0 +1,484 @@
+"""Run a grid of training jobs (the paper's comparisons) and summarise them.
+
+    python experiments/run.py --suite smoke --out results/smoke          # CPU, minutes
+    python experiments/run.py --suite cifar100 --out results/cifar100    # GPU, paper budget
+    python experiments/run.py --suite imagewoof10 --out results/woof --models vgg cct
+
+Every job is a separate ``python train.py <overrides> hydra.run.dir=OUT/runs/<job>``
+process, so a crash cannot take the suite down. Afterwards ``OUT`` holds:
+
+- ``results.csv``: one row per job (status, test accuracy/error, memory, step time, ...);
+- ``results.md``: the paper-style table (test error and peak memory per optimizer and
+  model, one table per data set and precision) and a list of failed/diverged jobs;
+- ``test_error_<data>_<model>_<precision>.png``: test error over epochs per optimizer
+  (from each job's CSV log), and ``peak_memory.png``: peak memory and optimizer-state
+  size per optimizer.
+
+A failed or diverged job shows as such in the tables and does not stop the suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "train.py"
+
+#: Display names of the optimizers, in table order.
+OPTIMIZER_LABELS = {
+    "sgd": "SGD",
+    "adamw": "AdamW",
+    "kfac": "KFAC",
+    "ikfac": "IKFAC",
+    "ingd": "INGD",
+    "singd": "SINGD",
+}
+STRUCTURE_LABELS = {
+    "dense": "Dense",
+    "diagonal": "Diag",
+    "block_diagonal": "BlockDiag",
+    "hierarchical": "Hier",
+    "tril": "Tril",
+    "triu": "Triu",
+    "tril_toeplitz": "TrilToeplitz",
+    "triu_toeplitz": "TriuToeplitz",
+    "tril_top_left_diagonal": "TrilTLDiag",
+    "tril_bottom_right_diagonal": "TrilBRDiag",
+    "triu_top_left_diagonal": "TriuTLDiag",
+    "triu_bottom_right_diagonal": "TriuBRDiag",
+}
+#: Columns of results.csv.
+CSV_COLUMNS = (
+    "job", "label", "status", "error", "test_acc", "test_err", "best_val_acc", "final_train_loss",
+    "step_time_ms", "peak_memory_mb", "memory_kind", "optimizer_state_mb", "optimizer", "structure",
+    "precision", "model", "data", "epochs", "wall_time_s", "returncode", "expect", "run_dir",
+)  # fmt: skip
+
+
+@dataclass
+class Job:
+    """One training run of a suite.
+
+    Attributes:
+        name: Directory name under ``OUT/runs``.
+        optimizer: Optimizer group option.
+        model: Model group option or model name (for the tables).
+        precision: Precision group option.
+        structure: Structure group option (SINGD only).
+        overrides: Extra Hydra overrides of this job.
+        expect: What the suite expects (e.g. ``"diverges"``), shown in the tables.
+        variant: A note on a non-default setting, shown in the label.
+    """
+
+    name: str
+    optimizer: str
+    model: str
+    precision: str
+    structure: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    expect: str | None = None
+    variant: str | None = None
+
+    @property
+    def label(self) -> str:
+        label = OPTIMIZER_LABELS.get(self.optimizer, self.optimizer)
+        if self.structure is not None:
+            label += f"-{STRUCTURE_LABELS.get(self.structure, self.structure)}"
+        if self.variant:
+            label += f" ({self.variant})"
+        return label
+
+    def hydra_overrides(self) -> list[str]:
+        args = [f"optimizer={self.optimizer}", f"precision={self.precision}"]
+        if self.structure is not None:
+            args.append(f"structure={self.structure}")
+        return args + list(self.overrides)
+
+
+# ------------------------------------------------------------------ suites
+
+#: Overrides of every CPU smoke job: digits, few epochs, quiet, one thread.
+SMOKE_COMMON = [
+    "data=digits",
+    "trainer=cpu",
+    "trainer.max_epochs=2",
+    "logger=csv",
+    "num_threads=1",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.model_summary=null",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+
+def smoke_jobs() -> list[Job]:
+    """Digits on a CPU with tiny models, 2 epochs: every optimizer, SINGD with two
+    structures, fp32 and bf16, KFAC in pure bf16 (the paper's failure case for
+    KFAC; here it shows whatever happens) and one run that must diverge (SGD with
+    lr=1e6) to show how a diverged job is reported. The first three jobs cover
+    success, divergence and KFAC in bf16-true, so ``--limit 3`` is a tiny suite."""
+
+    def job(optimizer: str, model: str, precision: str, structure: str | None = None,
+            expect: str | None = None, extra: Sequence[str] = (), variant: str | None = None) -> Job:
+        name = "_".join(x for x in (optimizer, structure, model, precision, variant) if x).replace("=", "")
+        return Job(name, optimizer, model, precision, structure, [f"model={model}", *SMOKE_COMMON, *extra],
+                   expect, variant)  # fmt: skip
+
+    return [
+        job("singd", "vgg_small", "fp32", "diagonal"),
+        job("sgd", "vgg_small", "fp32", expect="diverges (deliberately huge lr)", extra=["optimizer.lr=1e6"],
+            variant="lr=1e6"),
+        job("kfac", "vgg_small", "bf16-true", expect="may fail or diverge (low-precision inverse)"),
+        job("adamw", "vgg_small", "fp32"),
+        job("sgd", "vgg_small", "fp32"),
+        job("kfac", "vgg_small", "fp32"),
+        job("ikfac", "vgg_small", "fp32"),
+        job("ingd", "vgg_small", "fp32"),
+        job("singd", "vgg_small", "fp32", "hierarchical"),
+        job("singd", "vgg_small", "bf16", "diagonal"),
+        job("adamw", "vgg_small", "bf16"),
+        job("kfac", "vgg_small", "bf16"),
+        job("singd", "convmixer_tiny", "fp32", "diagonal"),
+        job("adamw", "convmixer_tiny", "fp32"),
+    ]
+
+
+PAPER_MODELS = ("vgg", "convmixer", "cct", "swin")
+PAPER_STRUCTURES = ("diagonal", "block_diagonal", "hierarchical")
+PAPER_PRECISIONS = ("fp32", "bf16")
+
+
+def paper_jobs(data: str, models: Sequence[str], structures: Sequence[str], precisions: Sequence[str]) -> list[Job]:
+    """``experiment=<data>_<model>`` for every model x optimizer (SINGD per structure)
+    x precision, on one GPU."""
+    jobs = []
+    for model in models:
+        for precision in precisions:
+            grid = [(o, None) for o in ("sgd", "adamw", "kfac", "ikfac", "ingd")]
+            grid += [("singd", s) for s in structures]
+            for optimizer, structure in grid:
+                name = "_".join(x for x in (optimizer, structure, model, precision) if x)
+                jobs.append(
+                    Job(name, optimizer, model, precision, structure,
+                        [f"experiment={data}_{model}", "trainer=gpu", "logger=csv",
+                         "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false"])
+                )  # fmt: skip
+    return jobs
+
+
+SUITES = ("smoke", "cifar100", "imagewoof10")
+
+
+def suite_jobs(args: argparse.Namespace) -> list[Job]:
+    if args.suite == "smoke":
+        jobs = smoke_jobs()
+    else:
+        jobs = paper_jobs(args.suite, args.models or PAPER_MODELS, args.structures or PAPER_STRUCTURES,
+                          args.precisions or PAPER_PRECISIONS)  # fmt: skip
+    if args.optimizers:
+        jobs = [j for j in jobs if j.optimizer in args.optimizers]
+    if args.limit is not None:
+        jobs = jobs[: args.limit]
+    return jobs
+
+
+# ------------------------------------------------------------------ running
+
+
+def run_job(job: Job, out: Path, extra: Sequence[str], python: str, timeout: float | None) -> dict[str, Any]:
+    """Run one job as a subprocess; return its row for results.csv."""
+    run_dir = out / "runs" / job.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results_file = run_dir / "results.json"
+    if results_file.exists():
+        results_file.unlink()  # never report a stale result
+    command = [python, str(TRAIN), *job.hydra_overrides(), *extra, f"hydra.run.dir={run_dir}"]
+    (run_dir / "command.txt").write_text(" ".join(command) + "\n")
+    start = time.time()
+    with open(run_dir / "stdout.log", "w") as stdout, open(run_dir / "stderr.log", "w") as stderr:
+        try:
+            proc = subprocess.run(command, cwd=REPO, stdout=stdout, stderr=stderr, timeout=timeout,
+                                  env={**os.environ, "HYDRA_FULL_ERROR": "1"})  # fmt: skip
+            returncode: int | None = proc.returncode
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            returncode, timed_out = None, True
+    row: dict[str, Any] = {
+        "job": job.name, "label": job.label, "optimizer": job.optimizer, "model": job.model,
+        "precision": job.precision, "structure": job.structure, "returncode": returncode,
+        "expect": job.expect, "run_dir": str(run_dir),
+    }  # fmt: skip
+    if results_file.exists():
+        result = json.loads(results_file.read_text())
+        for key in CSV_COLUMNS:
+            if key in result and result[key] is not None and key not in ("run_dir",):
+                row[key] = result[key]
+        row["status"] = result.get("status") or "failed"
+        row["error"] = result.get("error")
+    else:
+        row["status"] = "failed"
+        tail = (run_dir / "stderr.log").read_text().strip().splitlines()[-3:]
+        row["error"] = f"timed out after {timeout} s" if timed_out else (" | ".join(tail) or f"exit code {returncode}")
+    if row["status"] == "ok" and returncode not in (0, None):
+        row["status"] = "failed"
+    if row["status"] == "failed" and not row.get("error"):
+        row["error"] = f"exit code {returncode}"
+    row["wall_time_s"] = time.time() - start  # the whole process, imports included
+    acc = row.get("test_acc")
+    row["test_err"] = None if acc is None else 1.0 - float(acc)
+    return row
+
+
+# ------------------------------------------------------------------ reporting
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or value == "":
+        return "–"
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return "–" if not math.isfinite(value) else format(value, spec)
+
+
+def _cell(row: dict[str, Any] | None) -> tuple[str, str, str]:
+    """(test error, peak memory, optimizer state) cells of a job; failed and
+    diverged runs say so instead of an error."""
+    if row is None:
+        return "", "", ""
+    memory = _fmt(row.get("peak_memory_mb"), ".0f")
+    state = _fmt(row.get("optimizer_state_mb"), ".2f")
+    if row["status"] in ("failed", "diverged"):
+        return row["status"], memory, state
+    err = row.get("test_err")
+    return _fmt(None if err is None else 100 * float(err), ".1f"), memory, state
+
+
+def _ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
+    values = list(dict.fromkeys(values))
+    rank = {v: i for i, v in enumerate(order)}
+    return sorted(values, key=lambda v: (rank.get(v, len(rank)), v))
+
+
+def _label_order(rows: list[dict[str, Any]]) -> list[str]:
+    order = []
+    for opt in OPTIMIZER_LABELS:
+        order += [r["label"] for r in rows if r["optimizer"] == opt]
+    return list(dict.fromkeys(order))
+
+
+def markdown_report(rows: list[dict[str, Any]], suite: str) -> str:
+    """The paper-style tables: test error (%), peak memory (MB) and optimizer-state
+    size (MB) per optimizer (rows) and model (columns), one table per data set and
+    precision; then every job with its status and error."""
+    lines = [f"# Suite `{suite}`", ""]
+    n_ok = sum(r["status"] == "ok" for r in rows)
+    lines.append(f"{len(rows)} jobs: {n_ok} ok, {sum(r['status'] == 'diverged' for r in rows)} diverged, "
+                 f"{sum(r['status'] == 'failed' for r in rows)} failed.")  # fmt: skip
+    kinds = {r.get("memory_kind") for r in rows if r.get("memory_kind")}
+    if kinds:
+        lines.append(f"Peak memory: {', '.join(sorted(kinds))} (cuda_max_allocated: GPU memory allocated "
+                     "by PyTorch; cpu_peak_rss: the process's peak resident memory).")  # fmt: skip
+    lines.append("")
+    datas = list(dict.fromkeys(str(r.get("data") or "?") for r in rows))
+    for data in datas:
+        for precision in _ordered((r["precision"] for r in rows if str(r.get("data") or "?") == data),
+                                  ("fp32", "bf16", "bf16-true", "fp16")):  # fmt: skip
+            subset = [r for r in rows if str(r.get("data") or "?") == data and r["precision"] == precision]
+            models = list(dict.fromkeys(r["model"] for r in subset))
+            lines += [f"## {data}, {precision}: test error (%), peak memory (MB), optimizer state (MB)", ""]
+            header = "| optimizer | " + " | ".join(f"{m} err | {m} mem | {m} state" for m in models) + " |"
+            lines += [header, "|---|" + "---:|" * (3 * len(models))]
+            for label in _label_order(subset):
+                cells = []
+                for model in models:
+                    match = next((r for r in subset if r["label"] == label and r["model"] == model), None)
+                    cells += list(_cell(match))
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines += ["## All jobs", "", "| job | status | test acc | best val acc | step (ms) | peak mem (MB) | "
+              "optimizer state (MB) | wall (s) | expected | error |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
+    for r in rows:
+        error = (r.get("error") or "").replace("|", "/").replace("\n", " ")
+        error = error if len(error) <= 160 else error[:157] + "..."
+        lines.append(
+            f"| {r['job']} | {r['status']} | {_fmt(r.get('test_acc'), '.4f')} | {_fmt(r.get('best_val_acc'), '.4f')} "
+            f"| {_fmt(r.get('step_time_ms'), '.1f')} | {_fmt(r.get('peak_memory_mb'), '.0f')} "
+            f"| {_fmt(r.get('optimizer_state_mb'), '.3f')} | {_fmt(r.get('wall_time_s'), '.0f')} "
+            f"| {r.get('expect') or ''} | {error} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _epoch_test_error(run_dir: Path) -> tuple[list[int], list[float], str]:
+    """Per-epoch test error from a job's CSV log (validation error as a fallback)."""
+    path = run_dir / "csv" / "metrics.csv"
+    if not path.exists():
+        return [], [], ""
+    with open(path) as f:
+        records = list(csv.DictReader(f))
+    for column, what in (("epoch_test/acc", "test"), ("val/acc", "validation")):
+        points = {}
+        for rec in records:
+            if rec.get(column) not in (None, "") and rec.get("epoch") not in (None, ""):
+                points[int(float(rec["epoch"]))] = 1.0 - float(rec[column])
+        if points:
+            epochs = sorted(points)
+            return [e + 1 for e in epochs], [100 * points[e] for e in epochs], what
+    return [], [], ""
+
+
+def make_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Test error over epochs per (data, model, precision) and the memory bar chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    written = []
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((str(r.get("data") or "data"), r["model"], r["precision"]), []).append(r)
+    for (data, model, precision), subset in groups.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        what = "test"
+        for label in _label_order(subset):
+            r = next(x for x in subset if x["label"] == label)
+            epochs, errors, kind = _epoch_test_error(Path(r["run_dir"]))
+            what = kind or what
+            suffix = "" if r["status"] == "ok" else f" ({r['status']})"
+            if epochs:
+                ax.plot(epochs, errors, marker="o", markersize=3, label=label + suffix)
+            else:
+                ax.plot([], [], label=label + suffix)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(f"{what} error (%)")
+        ax.set_title(f"{data} / {model} / {precision}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"test_error_{data}_{model}_{precision}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    # Peak memory and optimizer state per optimizer (bars), one group of bars per model/precision.
+    keys = list(dict.fromkeys((r["model"], r["precision"]) for r in rows))
+    labels = _label_order(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(labels) + 4), 4.5))
+    width = 0.8 / max(1, len(keys))
+    for panel, (column, title) in enumerate((("peak_memory_mb", "peak memory (MB)"),
+                                             ("optimizer_state_mb", "optimizer state (MB)"))):  # fmt: skip
+        ax = axes[panel]
+        for k, (model, precision) in enumerate(keys):
+            values = []
+            for label in labels:
+                match = next((r for r in rows if r["label"] == label and r["model"] == model
+                              and r["precision"] == precision), None)  # fmt: skip
+                value = None if match is None else match.get(column)
+                values.append(float(value) if value not in (None, "") else 0.0)
+            xs = [i + (k - (len(keys) - 1) / 2) * width for i in range(len(labels))]
+            ax.bar(xs, values, width=width, label=f"{model}/{precision}")
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel(title)
+        ax.grid(axis="y", alpha=0.3)
+        if panel == 0:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "peak_memory.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def report(rows: list[dict[str, Any]], out: Path, suite: str) -> None:
+    """Write results.csv, results.md and the plots."""
+    write_csv(rows, out / "results.csv")
+    (out / "results.md").write_text(markdown_report(rows, suite))
+    make_plots(rows, out)
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=SUITES, required=True, help="which grid to run")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--limit", type=int, default=None, help="run only the first N jobs")
+    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZER_LABELS), help="only these optimizers")
+    parser.add_argument("--models", nargs="+", choices=PAPER_MODELS, help="paper suites: only these models")
+    parser.add_argument("--structures", nargs="+", help="paper suites: SINGD structures (default: %(default)s)")
+    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "bf16-true", "fp16"),
+                        help="paper suites: precisions (default: fp32 bf16)")
+    parser.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra Hydra override for every job (repeatable), e.g. -o trainer.max_epochs=1")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per job before it is killed")
+    parser.add_argument("--python", default=sys.executable, help="interpreter for the jobs")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from OUT/results.csv")
+    return parser.parse_args(argv)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key, value in row.items():
+            row[key] = None if value == "" else value
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        report(_read_rows(out / "results.csv"), out, args.suite)
+        return 0
+    jobs = suite_jobs(args)
+    if args.dry_run:
+        for job in jobs:
+            print(" ".join([args.python, str(TRAIN), *job.hydra_overrides(), *args.override,
+                            f"hydra.run.dir={out / 'runs' / job.name}"]))  # fmt: skip
+        return 0
+    rows = []
+    for i, job in enumerate(jobs, 1):
+        print(f"[{i}/{len(jobs)}] {job.name} ...", flush=True)
+        row = run_job(job, out, args.override, args.python, args.timeout)
+        rows.append(row)
+        summary = f"test_acc={_fmt(row.get('test_acc'), '.4f')}" if row["status"] == "ok" else (row.get("error") or "")
+        print(f"[{i}/{len(jobs)}] {job.name}: {row['status']} {summary[:200]} ({_fmt(row.get('wall_time_s'), '.0f')} s)",
+              flush=True)  # fmt: skip
+        report(rows, out, args.suite)  # keep the report current while the suite runs
+    print(f"Wrote {out / 'results.csv'}, {out / 'results.md'} and plots in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

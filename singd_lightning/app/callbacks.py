@@ -1,0 +1,164 @@
+"""Callbacks of the app: training-step time, peak memory, divergence."""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from singd_lightning.app.module import optimizer_state_bytes
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def process_peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (``getrusage``)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / 1024**2 if sys.platform == "darwin" else peak / 1024
+
+
+class PerformanceMonitor(Callback):
+    """Measures the training-step time and the peak memory; logs them each epoch.
+
+    The step time is the wall time from ``on_train_batch_start`` to
+    ``on_train_batch_end``: forward, backward and optimizer step (CUDA is
+    synchronised on both ends). The first ``warmup_steps`` steps are left out.
+
+    Peak memory is ``torch.cuda.max_memory_allocated`` (reset when training starts)
+    on a GPU and the process's peak resident set size on a CPU; ``memory_kind``
+    says which. ``optimizer_state_mb`` is the size of every tensor in the
+    optimizer's state (device independent).
+
+    Logged: ``perf/step_time_ms`` (mean over the epoch's measured steps),
+    ``perf/peak_memory_mb`` and, at the end, ``perf/optimizer_state_mb``.
+
+    Args:
+        warmup_steps: Leading training steps excluded from the step time.
+    """
+
+    def __init__(self, warmup_steps: int = 5) -> None:
+        super().__init__()
+        self.warmup_steps = warmup_steps
+        self._start: float | None = None
+        self._seen = 0
+        self._times: list[float] = []
+        self._all_times: list[float] = []
+        self._epoch_times: list[float] = []
+        self.memory_kind = "cpu_peak_rss"
+        self.peak_memory_mb = float("nan")
+        self.optimizer_state_mb = float("nan")
+
+    @property
+    def step_time_ms(self) -> float:
+        """Mean step time (ms) over the measured steps; all steps if too few."""
+        times = self._times or self._all_times
+        return 1000 * sum(times) / len(times) if times else float("nan")
+
+    def _peak_memory_mb(self, pl_module: L.LightningModule) -> float:
+        device = pl_module.device
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated(device) / 1024**2
+        return process_peak_rss_mb()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        device = pl_module.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.memory_kind = "cuda_max_allocated"
+        else:
+            self.memory_kind = "cpu_peak_rss"
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        _sync(pl_module.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._start is None:
+            return
+        _sync(pl_module.device)
+        elapsed = time.perf_counter() - self._start
+        self._start = None
+        self._seen += 1
+        self._all_times.append(elapsed)
+        if self._seen > self.warmup_steps:
+            self._times.append(elapsed)
+            self._epoch_times.append(elapsed)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        times = self._epoch_times or self._all_times
+        if times:
+            pl_module.log("perf/step_time_ms", 1000 * sum(times) / len(times), rank_zero_only=True)
+        self._epoch_times = []
+        self.peak_memory_mb = self._peak_memory_mb(pl_module)
+        pl_module.log("perf/peak_memory_mb", self.peak_memory_mb, rank_zero_only=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.peak_memory_mb = self._peak_memory_mb(pl_module)
+        if trainer.optimizers:
+            self.optimizer_state_mb = sum(optimizer_state_bytes(o) for o in trainer.optimizers) / 1024**2
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {
+                    "perf/optimizer_state_mb": self.optimizer_state_mb,
+                    "perf/peak_memory_mb": self.peak_memory_mb,
+                    "perf/step_time_ms_mean": self.step_time_ms,
+                },
+                step=trainer.global_step,
+            )
+
+
+class DivergenceDetector(Callback):
+    """Stops training once the training loss is NaN or infinite.
+
+    After ``patience`` consecutive non-finite losses (on any rank) it sets
+    ``trainer.should_stop`` and records the step in :attr:`diverged_step`; the app
+    then skips testing and reports the run as ``"diverged"``.
+
+    Args:
+        patience: Consecutive non-finite losses that count as divergence.
+    """
+
+    def __init__(self, patience: int = 1) -> None:
+        super().__init__()
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.patience = patience
+        self._bad = 0
+        self.diverged_step: int | None = None
+        self.last_loss = float("nan")
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_step is not None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, Tensor):
+            return
+        value = float(loss.detach())
+        self.last_loss = value
+        self._bad = 0 if math.isfinite(value) else self._bad + 1
+        stop = trainer.strategy.reduce_boolean_decision(self._bad >= self.patience, all=False)
+        if stop and self.diverged_step is None:
+            self.diverged_step = trainer.global_step
+            trainer.should_stop = True
+            pl_module.print(f"Training loss is {value} at step {trainer.global_step}: diverged, stopping.")
+
+
+__all__ = ["DivergenceDetector", "PerformanceMonitor", "process_peak_rss_mb"]

@@ -1,0 +1,148 @@
+"""The image-classification ``LightningModule`` the app trains.
+
+The optimizer comes from the Lightning plugin (:func:`singd_lightning.lightning.configure_singd`),
+so every optimizer of the comparison (SINGD, INGD, IKFAC, KFAC, AdamW, SGD) is built the
+same way a user would build it in their own module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from singd_lightning.lightning import configure_singd
+
+#: Index of the test set among the validation loaders when the test error is
+#: tracked every epoch (see :func:`singd_lightning.app.train.build_datamodule`).
+EPOCH_TEST_LOADER = 1
+
+
+def _as_tuples(value: Any) -> Any:
+    """Lists (as Hydra gives them) to tuples, recursively; mappings to dicts."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuples(v) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _as_tuples(v) for k, v in value.items()}
+    return value
+
+
+class ImageClassifier(L.LightningModule):
+    """Cross-entropy classifier around any ``nn.Module`` that maps images to logits.
+
+    Logged metrics: ``train/loss`` (step and epoch), ``train/acc``, ``val/loss``,
+    ``val/acc``, ``val/acc_best``, ``test/loss``, ``test/acc`` and, when the test set
+    is evaluated every epoch, ``epoch_test/loss`` and ``epoch_test/acc``.
+
+    Args:
+        net: The network.
+        optimizer: ``{"name": <singd|ingd|ikfac|kfac|adamw|sgd>, **options}``; passed
+            to :func:`~singd_lightning.lightning.configure_singd`.
+        scheduler: A callable ``optimizer -> LRScheduler`` (e.g. a
+            ``functools.partial``), or None for a constant learning rate.
+        label_smoothing: Label smoothing of the training loss.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Mapping[str, Any],
+        scheduler: Callable[[Optimizer], Any] | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        options = dict(optimizer)
+        if "name" not in options:
+            raise ValueError(f"optimizer needs a 'name' key, got {sorted(options)}")
+        self.save_hyperparameters({"optimizer": options, "label_smoothing": label_smoothing})
+        self.net = net
+        self.optimizer_name = str(options.pop("name"))
+        self.optimizer_options = {k: _as_tuples(v) for k, v in options.items()}
+        self.scheduler = scheduler
+        self.label_smoothing = label_smoothing
+        self.best_val_acc = float("nan")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def _step(self, batch: tuple[Tensor, Tensor], smoothing: float = 0.0) -> tuple[Tensor, Tensor, int]:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+        acc = (logits.argmax(dim=-1) == y).float().mean()
+        return loss, acc, y.shape[0]
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss, acc, n = self._step(batch, self.label_smoothing)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("train/acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        loss, acc, n = self._step(batch)
+        prefix = "epoch_test" if dataloader_idx == EPOCH_TEST_LOADER else "val"
+        self.log(f"{prefix}/loss", loss, sync_dist=True, batch_size=n, add_dataloader_idx=False)
+        self.log(
+            f"{prefix}/acc", acc, sync_dist=True, batch_size=n, add_dataloader_idx=False,
+            prog_bar=prefix == "val",
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        acc = self.trainer.callback_metrics.get("val/acc")
+        if acc is not None:
+            value = float(acc)
+            if math.isnan(self.best_val_acc) or value > self.best_val_acc:
+                self.best_val_acc = value
+        if not math.isnan(self.best_val_acc):
+            self.log("val/acc_best", self.best_val_acc, sync_dist=False)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        loss, acc, n = self._step(batch)
+        self.log("test/loss", loss, sync_dist=True, batch_size=n)
+        self.log("test/acc", acc, sync_dist=True, batch_size=n)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return configure_singd(
+            self, optimizer=self.optimizer_name, scheduler=self.scheduler, **self.optimizer_options
+        )
+
+    # Checkpoints keep the best validation accuracy so a resumed run reports it.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["best_val_acc"] = self.best_val_acc
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.best_val_acc = float(checkpoint.get("best_val_acc", float("nan")))
+
+
+def optimizer_state_bytes(optimizer: Optimizer | Any) -> int:
+    """Bytes of every tensor in ``optimizer.state_dict()`` (momenta, factors, ...)."""
+    try:
+        state = optimizer.state_dict()
+    except Exception:  # a wrapper without state_dict: count nothing rather than fail a run
+        return 0
+    seen: set[int] = set()
+
+    def walk(obj: Any) -> int:
+        if isinstance(obj, Tensor):
+            if id(obj) in seen:
+                return 0
+            seen.add(id(obj))
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, Mapping):
+            return sum(walk(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(walk(v) for v in obj)
+        return 0
+
+    return walk(state)
+
+
+__all__ = ["EPOCH_TEST_LOADER", "ImageClassifier", "optimizer_state_bytes"]

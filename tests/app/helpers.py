@@ -1,0 +1,135 @@
+"""Shared helpers of the app tests: config composition, fast overrides, fake data."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO / "conf"
+TRAIN_PY = REPO / "train.py"
+
+#: Options of every config group: the app's command-line interface.
+GROUP_OPTIONS: dict[str, set[str]] = {
+    "optimizer": {"singd", "ingd", "ikfac", "kfac", "adamw", "sgd"},
+    "structure": {
+        "dense", "diagonal", "block_diagonal", "hierarchical", "tril", "triu", "tril_toeplitz",
+        "triu_toeplitz", "tril_top_left_diagonal", "tril_bottom_right_diagonal",
+        "triu_top_left_diagonal", "triu_bottom_right_diagonal",
+    },
+    "precision": {"fp32", "bf16", "bf16-true", "fp16"},
+    "model": {"vgg", "convmixer", "cct", "swin", "vgg_small", "convmixer_tiny", "cct_tiny", "swin_nano"},
+    "data": {"cifar100", "imagewoof10", "digits"},
+    "trainer": {"default", "cpu", "gpu", "ddp"},
+    "logger": {"csv", "wandb", "many_loggers"},
+    "experiment": {
+        f"{data}_{model}" for data in ("cifar100", "imagewoof10") for model in ("vgg", "convmixer", "cct", "swin")
+    },
+    "hparams_search": {"singd", "ingd", "ikfac", "kfac", "adamw", "sgd"},
+    "launcher": {"local", "slurm"},
+    "scheduler": {"cosine", "constant"},
+    "callbacks": {"default", "with_checkpoint"},
+}  # fmt: skip
+
+#: Overrides for a run of a few batches on a CPU, quiet.
+FAST = [
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.log_every_n_steps=1",
+    "data.batch_size=16",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.model_summary=null",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+
+def group_options(group: str) -> set[str]:
+    """Option names of a config group, from the files in conf/<group>/."""
+    return {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
+
+
+def compose_cfg(overrides: Sequence[str] = (), output_dir: Path | None = None, hydra: bool = False) -> DictConfig:
+    """Compose ``conf/train.yaml`` as ``python train.py <overrides>`` would.
+
+    Args:
+        overrides: Command-line overrides.
+        output_dir: Becomes ``paths.output_dir`` (normally Hydra's run directory).
+        hydra: Also return the ``hydra`` node (launcher, sweeper, ...).
+    """
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="test_app"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=hydra)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def run_cli(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300,
+            command: Sequence[str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python train.py <args>`` (or ``command + args``) as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    cmd = list(command) if command is not None else [sys.executable, str(TRAIN_PY)]
+    return subprocess.run([*cmd, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------- fake data sets
+# Tiny copies of CIFAR-100 and ImageWoof-10 in their real on-disk formats; the
+# data tests in tests/data/ write the same layout.
+
+
+def write_fake_cifar100(root: Path, n_train: int = 24, n_test: int = 8) -> None:
+    """``root/cifar-100-python/{train,test,meta}`` as the official pickles."""
+    try:
+        from tests.data.test_data import write_fake_cifar100 as data_agent_writer
+    except ImportError:
+        data_agent_writer = None
+    if data_agent_writer is not None:
+        data_agent_writer(root, n_train=n_train, n_test=n_test)
+        return
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        fine = rng.integers(0, 100, size=n).tolist()
+        entry = {"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8), "fine_labels": fine,
+                 "coarse_labels": [f // 5 for f in fine], "filenames": [f"{i}.png" for i in range(n)]}  # fmt: skip
+        with open(folder / split, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)],
+                     "coarse_label_names": [f"s{i}" for i in range(20)]}, f, protocol=2)  # fmt: skip
+
+
+def write_fake_imagewoof(root: Path, n_train: int = 2, n_val: int = 1) -> None:
+    """``root/imagewoof2-160/{train,val}/<wnid>/*.JPEG`` with small JPEGs."""
+    try:
+        from tests.data.test_data import write_fake_imagewoof as data_agent_writer
+    except ImportError:
+        data_agent_writer = None
+    if data_agent_writer is not None:
+        data_agent_writer(root, n_train=n_train, n_val=n_val)
+        return
+    from singd_lightning.data.imagewoof import IMAGEWOOF_CLASSES
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for wnid in IMAGEWOOF_CLASSES:
+            folder = root / "imagewoof2-160" / split / wnid
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{wnid}_{i}.JPEG", quality=90)
