@@ -34,15 +34,19 @@ class PerformanceMonitor(Callback):
 
     The step time is the wall time from ``on_train_batch_start`` to
     ``on_train_batch_end``: forward, backward and optimizer step (CUDA is
-    synchronised on both ends). The first ``warmup_steps`` steps are left out.
+    synchronised on both ends). The optimizer step time is the part from
+    ``on_before_optimizer_step`` (after the backward pass) to the end of the batch:
+    gradient clipping and ``optimizer.step``'s own work. The first
+    ``warmup_steps`` steps are left out of both.
 
     Peak memory is ``torch.cuda.max_memory_allocated`` (reset when training starts)
     on a GPU and the process's peak resident set size on a CPU; ``memory_kind``
     says which. ``optimizer_state_mb`` is the size of every tensor in the
     optimizer's state (device independent).
 
-    Logged: ``perf/step_time_ms`` (mean over the epoch's measured steps),
-    ``perf/peak_memory_mb`` and, at the end, ``perf/optimizer_state_mb``.
+    Logged: ``perf/step_time_ms`` and ``perf/optimizer_step_ms`` (means over the
+    epoch's measured steps), ``perf/peak_memory_mb`` and, at the end,
+    ``perf/optimizer_state_mb``.
 
     Args:
         warmup_steps: Leading training steps excluded from the step time.
@@ -52,19 +56,31 @@ class PerformanceMonitor(Callback):
         super().__init__()
         self.warmup_steps = warmup_steps
         self._start: float | None = None
+        self._opt_start: float | None = None
         self._seen = 0
         self._times: list[float] = []
         self._all_times: list[float] = []
         self._epoch_times: list[float] = []
+        self._opt_times: list[float] = []
+        self._all_opt_times: list[float] = []
+        self._epoch_opt_times: list[float] = []
         self.memory_kind = "cpu_peak_rss"
         self.peak_memory_mb = float("nan")
         self.optimizer_state_mb = float("nan")
 
+    @staticmethod
+    def _mean_ms(times: list[float]) -> float:
+        return 1000 * sum(times) / len(times) if times else float("nan")
+
     @property
     def step_time_ms(self) -> float:
-        """Mean step time (ms) over the measured steps; all steps if too few."""
-        times = self._times or self._all_times
-        return 1000 * sum(times) / len(times) if times else float("nan")
+        """Mean training-step time (ms) over the measured steps; all steps if too few."""
+        return self._mean_ms(self._times or self._all_times)
+
+    @property
+    def optimizer_step_ms(self) -> float:
+        """Mean optimizer-step time (ms) over the measured steps; all steps if too few."""
+        return self._mean_ms(self._opt_times or self._all_opt_times)
 
     def _peak_memory_mb(self, pl_module: L.LightningModule) -> float:
         device = pl_module.device
@@ -83,6 +99,11 @@ class PerformanceMonitor(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         _sync(pl_module.device)
         self._start = time.perf_counter()
+        self._opt_start = None
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        _sync(pl_module.device)
+        self._opt_start = time.perf_counter()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -90,19 +111,30 @@ class PerformanceMonitor(Callback):
         if self._start is None:
             return
         _sync(pl_module.device)
-        elapsed = time.perf_counter() - self._start
-        self._start = None
+        now = time.perf_counter()
+        elapsed = now - self._start
+        opt_elapsed = None if self._opt_start is None else now - self._opt_start
+        self._start = self._opt_start = None
         self._seen += 1
         self._all_times.append(elapsed)
+        if opt_elapsed is not None:
+            self._all_opt_times.append(opt_elapsed)
         if self._seen > self.warmup_steps:
             self._times.append(elapsed)
             self._epoch_times.append(elapsed)
+            if opt_elapsed is not None:
+                self._opt_times.append(opt_elapsed)
+                self._epoch_opt_times.append(opt_elapsed)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         times = self._epoch_times or self._all_times
         if times:
-            pl_module.log("perf/step_time_ms", 1000 * sum(times) / len(times), rank_zero_only=True)
+            pl_module.log("perf/step_time_ms", self._mean_ms(times), rank_zero_only=True)
+        opt_times = self._epoch_opt_times or self._all_opt_times
+        if opt_times:
+            pl_module.log("perf/optimizer_step_ms", self._mean_ms(opt_times), rank_zero_only=True)
         self._epoch_times = []
+        self._epoch_opt_times = []
         self.peak_memory_mb = self._peak_memory_mb(pl_module)
         pl_module.log("perf/peak_memory_mb", self.peak_memory_mb, rank_zero_only=True)
 
@@ -116,6 +148,7 @@ class PerformanceMonitor(Callback):
                     "perf/optimizer_state_mb": self.optimizer_state_mb,
                     "perf/peak_memory_mb": self.peak_memory_mb,
                     "perf/step_time_ms_mean": self.step_time_ms,
+                    "perf/optimizer_step_ms_mean": self.optimizer_step_ms,
                 },
                 step=trainer.global_step,
             )

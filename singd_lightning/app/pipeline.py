@@ -83,7 +83,7 @@ def build_callbacks(callbacks_cfg: DictConfig | None) -> list[Callback]:
     return callbacks
 
 
-def build_loggers(logger_cfg: DictConfig | None, cfg: DictConfig | None = None) -> list[Logger]:
+def build_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
     """Instantiate every entry of the ``logger`` group that has a ``_target_``.
 
     For W&B, ``offline: auto`` becomes offline unless an API key is configured, and
@@ -209,7 +209,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results["num_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
         module = build_module(cfg, net)
         callbacks = build_callbacks(cfg.get("callbacks"))
-        loggers = build_loggers(cfg.get("logger"), cfg)
+        loggers = build_loggers(cfg.get("logger"))
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         for logger in trainer.loggers:
@@ -238,6 +238,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if perf is not None:
             results.update(
                 step_time_ms=perf.step_time_ms,
+                optimizer_step_ms=perf.optimizer_step_ms,
                 peak_memory_mb=perf.peak_memory_mb,
                 memory_kind=perf.memory_kind,
                 optimizer_state_mb=perf.optimizer_state_mb,

@@ -20,6 +20,7 @@ RESULT_KEYS = (
     "final_val_acc",
     "final_train_loss",
     "step_time_ms",
+    "optimizer_step_ms",
     "peak_memory_mb",
     "memory_kind",
     "optimizer_state_mb",

@@ -172,7 +172,8 @@ def test_logger_options(option: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_callbacks_options(option: str, tmp_path: Path) -> None:
     cfg = compose_cfg([f"callbacks={option}"], output_dir=tmp_path)
     names = {type(cb).__name__ for cb in build_callbacks(cfg.callbacks)}
-    assert {"RichProgressBar", "LearningRateMonitor", "PerformanceMonitor", "DivergenceDetector"} <= names
+    assert {"RichProgressBar", "LearningRateMonitor", "PerformanceMonitor", "DivergenceDetector",
+            "SINGDDiagnostics"} <= names  # fmt: skip
     assert ("ModelCheckpoint" in names) == (option == "with_checkpoint")
     assert cfg.trainer.enable_checkpointing == (option == "with_checkpoint")
 

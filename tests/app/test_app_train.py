@@ -42,7 +42,8 @@ def test_one_fast_epoch(model: str, optimizer: str, precision: str, tmp_path: Pa
         optimizer, model, precision, "digits",
     )  # fmt: skip
     assert saved["structure"] == {"singd": "diagonal", "ingd": "dense", "ikfac": "dense", "kfac": "dense"}.get(optimizer)
-    for key in ("test_acc", "best_val_acc", "final_train_loss", "step_time_ms", "peak_memory_mb", "optimizer_state_mb"):
+    for key in ("test_acc", "best_val_acc", "final_train_loss", "step_time_ms", "optimizer_step_ms",
+                "peak_memory_mb", "optimizer_state_mb"):  # fmt: skip
         assert isinstance(saved[key], float) and saved[key] >= 0, key
     assert 0 <= saved["test_acc"] <= 1
     assert saved["epochs"] == 1 and saved["global_step"] == 2
@@ -50,10 +51,12 @@ def test_one_fast_epoch(model: str, optimizer: str, precision: str, tmp_path: Pa
     with open(tmp_path / "csv" / "metrics.csv") as f:
         columns = set(next(csv.reader(f)))
     expected = {"train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/acc_best",
-                "test/acc", "test/loss", "epoch_test/acc", "perf/step_time_ms", "perf/peak_memory_mb",
-                "perf/optimizer_state_mb"}  # fmt: skip
+                "test/acc", "test/loss", "epoch_test/acc", "perf/step_time_ms", "perf/optimizer_step_ms",
+                "perf/peak_memory_mb", "perf/optimizer_state_mb"}  # fmt: skip
     assert expected <= columns, expected - columns
     assert any(c.startswith("lr-") for c in columns)
+    if optimizer in ("singd", "ingd", "ikfac", "kfac"):  # the plugin's diagnostics callback
+        assert any(c.startswith("singd/") for c in columns)
     assert (tmp_path / "csv" / "hparams.yaml").read_text().count("optimizer") >= 1
 
 
