@@ -244,3 +244,21 @@ def test_unknown_option_lists_the_valid_ones(group: str) -> None:
     assert f"Could not find '{group}/no_such_option'" in message
     for option in GROUP_OPTIONS[group]:
         assert f"\t{option}\n" in message + "\n"
+
+
+def test_wandb_mode_auto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from singd_lightning.app.hydra_utils import resolve_wandb_offline
+
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    assert resolve_wandb_offline("auto") is True  # no account: offline
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_wandb_offline("auto") is False  # logged in: online
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_wandb_offline("auto") is True  # forced
+    assert resolve_wandb_offline(False) is False
+    with pytest.raises(ValueError, match="offline"):
+        resolve_wandb_offline("sometimes")
