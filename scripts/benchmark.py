@@ -6,9 +6,9 @@ turn so that background load hits them alike) in one process for AdamW, SGD, KFA
 published reference package ``singd`` (each structure it has) and ours (each
 structure), at the given ``T`` values, on three CIFAR-size models, and prints
 ratios against AdamW and against the reference run in the same process. Peak
-memory of each configuration is measured in a fresh subprocess (resident
-high-water mark on CPU, ``torch.cuda.max_memory_allocated`` on CUDA) so that runs
-don't pollute each other.
+memory of each configuration is measured in a fresh subprocess so that runs don't
+pollute each other: on CPU the resident high-water mark reached during the run
+beyond the memory held after the imports, on CUDA ``torch.cuda.max_memory_allocated``.
 
 Examples::
 
@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -196,15 +195,30 @@ def measure_peak(config: Config, steps: int) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
+def _proc_status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
 def _peak_main(config_json: str, steps: int) -> None:
+    """Print the peak memory a short run allocates beyond what the process held
+    before it (imports excluded), in bytes."""
     config = Config(**json.loads(config_json))
     if config.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    run([config], steps=steps, warmup=1)
-    if config.device == "cuda":
+        run([config], steps=steps, warmup=1)
         print(torch.cuda.max_memory_allocated())
-    else:  # ru_maxrss is in KiB on Linux
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        return
+    # Reset the resident high-water mark after the imports (Linux: clear_refs 5),
+    # so the peak is the run's own: model, activations, optimizer state, temporaries.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    baseline = _proc_status_kib("VmRSS")
+    run([config], steps=steps, warmup=1)
+    print((_proc_status_kib("VmHWM") - baseline) * 1024)
 
 
 def configurations(args) -> list[Config]:

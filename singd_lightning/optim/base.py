@@ -27,7 +27,7 @@ from singd_lightning.optim.curvature import (
     KroneckerLayer,
     Rows,
 )
-from singd_lightning.optim.fallback import FALLBACK_STEPS
+from singd_lightning.optim.fallback import FALLBACK_STEPS, momentum_step
 from singd_lightning.optim.hyperparameters import (
     dtype_from_name,
     validate_kronecker_group,
@@ -438,20 +438,7 @@ class KroneckerOptimizer(Optimizer):
                 updates.append(d)
         if not targets:
             return
-        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
-        if weight_decay != 0.0:
-            torch._foreach_add_(updates, targets, alpha=weight_decay)
-        if momentum != 0.0:
-            buffers = []
-            for p, d in zip(targets, updates):
-                st = self.state[p]
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                buffers.append(st["momentum_buffer"])
-            torch._foreach_mul_(buffers, momentum)
-            torch._foreach_add_(buffers, updates)
-            updates = buffers
-        torch._foreach_add_(targets, updates, alpha=-lr)
+        momentum_step(targets, updates, self.state, group["lr"], group["momentum"], group["weight_decay"])
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -65,23 +65,29 @@ def adamw_step(params: list[Tensor], state: dict, group: dict) -> None:
     torch._foreach_add_(params, [u.to(p.dtype) for p, u in zip(params, updates)])
 
 
-def sgd_step(params: list[Tensor], state: dict, group: dict) -> None:
-    """One SGD step with (heavy-ball) momentum and L2 weight decay.
+def momentum_step(
+    params: list[Tensor], updates: list[Tensor], state: dict, lr: float, momentum: float, weight_decay: float
+) -> None:
+    """``d ← u + γθ``, ``μ ← α μ + d``, ``θ ← θ − lr μ`` (heavy-ball momentum).
+
+    Shared by the SGD fallback (``updates`` = gradients) and the Kronecker
+    methods (``updates`` = preconditioned gradients, SPEC §1).
 
     Args:
-        params: Parameters of one fallback group, all with ``.grad``.
-        state: The optimizer's per-parameter state (``momentum_buffer``).
-        group: The parameter group (``lr``, ``momentum``, ``weight_decay``).
+        params: Parameters to update.
+        updates: One update direction per parameter (not modified).
+        state: Per-parameter state holding ``momentum_buffer``.
+        lr: Learning rate.
+        momentum: Momentum factor α.
+        weight_decay: L2 weight decay γ added to the update.
     """
     if not params:
         return
-    lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
-    updates = [p.grad for p in params]
     if weight_decay != 0.0:
         updates = torch._foreach_add(updates, params, alpha=weight_decay)
     if momentum != 0.0:
         bufs = []
-        for p, update in zip(params, updates):
+        for p in params:
             st = state[p]
             if "momentum_buffer" not in st:
                 st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -90,6 +96,17 @@ def sgd_step(params: list[Tensor], state: dict, group: dict) -> None:
         torch._foreach_add_(bufs, updates)
         updates = bufs
     torch._foreach_add_(params, updates, alpha=-lr)
+
+
+def sgd_step(params: list[Tensor], state: dict, group: dict) -> None:
+    """One SGD step with (heavy-ball) momentum and L2 weight decay.
+
+    Args:
+        params: Parameters of one fallback group, all with ``.grad``.
+        state: The optimizer's per-parameter state (``momentum_buffer``).
+        group: The parameter group (``lr``, ``momentum``, ``weight_decay``).
+    """
+    momentum_step(params, [p.grad for p in params], state, group["lr"], group["momentum"], group["weight_decay"])
 
 
 FALLBACK_STEPS = {"adamw": adamw_step, "sgd": sgd_step}

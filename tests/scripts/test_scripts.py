@@ -38,7 +38,7 @@ def test_benchmark_peak_memory_runs_in_a_fresh_process():
         sys.path.pop(0)
     config = benchmark.Config("convmixer", "ours", "diagonal", T=1, batch_size=2)
     peak = benchmark.measure_peak(config, steps=1)
-    assert 50 * 2**20 < peak < 8 * 2**30  # a real resident high-water mark, in bytes
+    assert 2**20 < peak < 8 * 2**30  # what the run allocated at its peak, in bytes
 
 
 def test_scaling_sweep_plots(tmp_path):
