@@ -18,9 +18,22 @@ from singd_lightning.structures.base import Structure
 
 
 def _fft_len(dim: int) -> int:
-    """Smallest power of two ``≥ 2·dim − 1``: long enough that linear convolutions
-    and correlations of length-``dim`` signals do not wrap around."""
-    return 1 << max(0, (2 * dim - 2).bit_length())
+    """Smallest 5-smooth length (2^a·3^b·5^c, fast for FFTs) ``≥ 2·dim − 1``: long
+    enough that linear convolutions and correlations of length-``dim`` signals do
+    not wrap around, and up to ~40% shorter than the next power of two."""
+    target = max(1, 2 * dim - 1)
+    best = 1 << (target - 1).bit_length()
+    power5 = 1
+    while power5 < best:
+        power35 = power5
+        while power35 < best:
+            n = power35
+            while n < target:
+                n *= 2
+            best = min(best, n)
+            power35 *= 3
+        power5 *= 5
+    return best
 
 
 class _TriangularToeplitz(Structure):
@@ -58,15 +71,19 @@ class _TriangularToeplitz(Structure):
 
     # The products below use: L @ x = causal convolution of t with x (along rows);
     # Lᵀ @ x = correlation, i.e. the same with the conjugate spectrum of t.
-    def matmul(self, data: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
-        d, n_fft = self.dim, _fft_len(self.dim)
-        out_dtype = torch.promote_types(data.dtype, x.dtype)
-        dtype = compute_dtype(out_dtype)
-        spec_t = rfft(data.to(dtype), n=n_fft, dim=-1).unsqueeze(-1)
+    def _apply_to_rows(self, data: Tensor, rows: Tensor, transpose: bool) -> Tensor:
+        """``(S @ rowsᵀ)ᵀ`` for ``rows`` of shape ``(*batch, n, d)``: the FFTs run
+        along the contiguous last dimension (much faster than along the rows)."""
+        n_fft = _fft_len(self.dim)
+        spec_t = rfft(data, n=n_fft, dim=-1).unsqueeze(-2)
         if transpose == self.lower:  # Lᵀ @ x, or U @ x = Lᵀ @ x
             spec_t = spec_t.conj()
-        spec_x = rfft(x.to(dtype), n=n_fft, dim=-2)
-        out = irfft(spec_t * spec_x, n=n_fft, dim=-2)[..., :d, :]
+        return irfft(rfft(rows, n=n_fft, dim=-1) * spec_t, n=n_fft, dim=-1)[..., : self.dim]
+
+    def matmul(self, data: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
+        out_dtype = torch.promote_types(data.dtype, x.dtype)
+        dtype = compute_dtype(out_dtype)
+        out = self._apply_to_rows(data.to(dtype), x.to(dtype).mT, transpose).mT
         return out.to(out_dtype)
 
     def compose(self, a: Tensor, b: Tensor) -> Tensor:
@@ -87,14 +104,24 @@ class _TriangularToeplitz(Structure):
         return out
 
     def project_outer(self, y: Tensor) -> Tensor:
+        return self._project_outer_rows(y.to(compute_dtype(y.dtype)).mT).to(y.dtype)
+
+    def _project_outer_rows(self, rows: Tensor) -> Tensor:
         # Sum of the k-th lower diagonal of y yᵀ = Σ_cols Σ_i y[i+k] y[i]: the
         # autocorrelation of each column at lag k, summed over columns — one power
         # spectrum summed over columns, then a single inverse FFT.
         d, n_fft = self.dim, _fft_len(self.dim)
-        spec = rfft(y.to(compute_dtype(y.dtype)), n=n_fft, dim=-2)
-        power = (spec.real.square() + spec.imag.square()).sum(dim=-1)
-        sums = irfft(power, n=n_fft)[..., :d]
-        return self._normalize(sums).to(y.dtype)
+        spec = rfft(rows, n=n_fft, dim=-1)
+        power = (spec.real.square() + spec.imag.square()).sum(dim=-2)
+        return self._normalize(irfft(power, n=n_fft)[..., :d])
+
+    def project_gram(self, data: Tensor, x: Tensor) -> Tensor:
+        # Sᵀ x and its autocorrelation with x laid out as rows (n, d): every FFT
+        # runs along the contiguous dimension.
+        out_dtype = torch.promote_types(data.dtype, x.dtype)
+        dtype = compute_dtype(out_dtype)
+        rows = self._apply_to_rows(data.to(dtype), x.to(dtype).mT.contiguous(), transpose=True)
+        return self._project_outer_rows(rows).to(out_dtype)
 
     def project_self_gram(self, data: Tensor) -> Tensor:
         # Both LᵀL and LLᵀ have k-th lower-diagonal sum Σ_{u ≥ k} (d − u) t[u] t[u − k]
