@@ -2,16 +2,55 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.utils import check_integrity, extract_archive
 
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are absent and could not (or may not) be downloaded."""
+
+
+def ensure_extracted(
+    present: Callable[[], bool],
+    archive: Path,
+    md5: str | None,
+    download: bool,
+    fetch: Callable[[], None],
+    not_found: Callable[[str], Exception],
+    contents: str,
+) -> None:
+    """Make a dataset's extracted files available, or raise a clear error.
+
+    Uses, in order: the extracted files (``present()``), a hand-placed ``archive``
+    (MD5-checked unless ``md5`` is None, then extracted next to it), ``fetch()``
+    (a download, if ``download``).
+
+    Raises:
+        DatasetNotFoundError: built by ``not_found(reason)``.
+    """
+    if present():
+        return
+    if archive.is_file():
+        if md5 is not None and not check_integrity(str(archive), md5):
+            raise not_found(f"'{archive}' is corrupted: MD5 differs from {md5}")
+        extract_archive(str(archive), str(archive.parent))
+    elif download:
+        try:
+            os.makedirs(archive.parent, exist_ok=True)
+            fetch()
+        except Exception as err:  # network, disk or checksum failure
+            raise not_found(f"download failed: {err}") from err
+    else:
+        raise not_found("download=False")
+    if not present():
+        raise not_found(f"the archive did not contain {contents}")
 
 
 def split_indices(n: int, val_size: int | float, seed: int) -> tuple[list[int], list[int]]:

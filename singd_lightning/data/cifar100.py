@@ -10,7 +10,6 @@ test split.
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR100
-from torchvision.datasets.utils import check_integrity, extract_archive
 
 from singd_lightning.data._common import (
+    ensure_extracted,
     DatasetNotFoundError,
     ImageClassificationDataModule,
     TransformSubset,
@@ -140,24 +139,15 @@ class CIFAR100DataModule(ImageClassificationDataModule):
         Raises:
             DatasetNotFoundError: The files are absent and cannot be downloaded.
         """
-        download = self.download if download is None else download
-        if self._files_present():
-            return self.folder
-        archive = self.data_dir / CIFAR100_ARCHIVE
-        if archive.is_file():
-            if not check_integrity(str(archive), CIFAR100_MD5):
-                raise self._not_found(f"'{archive}' is corrupted: MD5 differs from {CIFAR100_MD5}")
-            extract_archive(str(archive), str(self.data_dir))
-        elif download:
-            try:
-                os.makedirs(self.data_dir, exist_ok=True)
-                CIFAR100(str(self.data_dir), train=True, download=True)
-            except Exception as err:  # network, disk or checksum failure
-                raise self._not_found(f"download failed: {err}") from err
-        else:
-            raise self._not_found("download=False")
-        if not self._files_present():
-            raise self._not_found("the archive did not contain train, test and meta")
+        ensure_extracted(
+            self._files_present,
+            self.data_dir / CIFAR100_ARCHIVE,
+            CIFAR100_MD5,
+            self.download if download is None else download,
+            fetch=lambda: CIFAR100(str(self.data_dir), train=True, download=True),
+            not_found=self._not_found,
+            contents="train, test and meta",
+        )
         return self.folder
 
     def prepare_data(self) -> None:

@@ -9,18 +9,14 @@ resized to ``image_size / crop_pct`` and centre-cropped.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.utils import (
-    check_integrity,
-    download_and_extract_archive,
-    extract_archive,
-)
+from torchvision.datasets.utils import download_and_extract_archive
 
 from singd_lightning.data._common import (
+    ensure_extracted,
     DatasetNotFoundError,
     ImageClassificationDataModule,
     TransformSubset,
@@ -136,29 +132,17 @@ class ImageWoofDataModule(ImageClassificationDataModule):
         Raises:
             DatasetNotFoundError: The files are absent and cannot be downloaded.
         """
-        download = self.download if download is None else download
-        if self._files_present():
-            return self.folder
-        archive = self.data_dir / IMAGEWOOF_ARCHIVE
-        if archive.is_file():
-            if not check_integrity(str(archive), self.md5):
-                raise self._not_found(f"'{archive}' is corrupted: MD5 differs from {self.md5}")
-            extract_archive(str(archive), str(self.data_dir))
-        elif download:
-            try:
-                os.makedirs(self.data_dir, exist_ok=True)
-                download_and_extract_archive(
-                    IMAGEWOOF_URL,
-                    download_root=str(self.data_dir),
-                    filename=IMAGEWOOF_ARCHIVE,
-                    md5=self.md5,
-                )
-            except Exception as err:  # network, disk or checksum failure
-                raise self._not_found(f"download failed: {err}") from err
-        else:
-            raise self._not_found("download=False")
-        if not self._files_present():
-            raise self._not_found("the archive did not contain train/ and val/ class folders")
+        ensure_extracted(
+            self._files_present,
+            self.data_dir / IMAGEWOOF_ARCHIVE,
+            self.md5,
+            self.download if download is None else download,
+            fetch=lambda: download_and_extract_archive(
+                IMAGEWOOF_URL, download_root=str(self.data_dir), filename=IMAGEWOOF_ARCHIVE, md5=self.md5
+            ),
+            not_found=self._not_found,
+            contents="train/ and val/ class folders",
+        )
         return self.folder
 
     def prepare_data(self) -> None:

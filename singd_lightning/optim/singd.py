@@ -6,7 +6,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from singd_lightning.optim.base import KroneckerOptimizer

@@ -12,7 +12,7 @@ Use :func:`resolve_structure` to turn a user-facing name (or a mapping with a
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Union
 
 from singd_lightning.structures.base import Structure

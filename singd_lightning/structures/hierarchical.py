@@ -153,7 +153,7 @@ class Hierarchical(Structure):
         and the middle rows' sums of squares; the rest is ``O(k² d)``.
         """
         A, B, C, D, E, F = self._parts(data)
-        n1, m, n2 = self.n1, self.m, self.n2
+        n1, m = self.n1, self.m
         x1, x2, x3 = self._rows(x)
         border = torch.cat([x1, x3], dim=-2)  # P, (k, n)
         px = border @ x.mT  # P xᵀ, (k, d)
