@@ -295,15 +295,16 @@ class KroneckerOptimizer(Optimizer):
         """``(H_in, H_out)`` per layer with statistics, summed over all passes and
         ranks, normalised as one pass over the joint batch would be (SPEC §1)."""
         world = _world_size()
-        entries = {}
         if world > 1:
             entries = self._all_reduce(layers)
         else:
             entries = {layer.name: self._stats[layer.name] for layer in layers if layer.name in self._stats}
         scale = self._current_grad_scale()
         # The hooks un-scaled by the scale hint; the remaining factor (and the
-        # data-parallel 1/W of the averaged gradient) goes here.
+        # data-parallel 1/W of the averaged gradient) goes here. The next
+        # collecting step's hooks divide by this scale.
         out_factor = (self._scale_hint / scale) ** 2 / world**2
+        self._scale_hint = scale
         reduced = {}
         for layer in layers:
             entry = entries.get(layer.name)
@@ -366,7 +367,10 @@ class KroneckerOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        # An enabled loss scaler already checked the gradients (it only calls
+        # step when they are finite); the statistics may still have overflowed.
+        scaler_checked = self.grad_scaler is not None and self.grad_scaler.is_enabled()
+        grads = [] if scaler_checked else [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         stats = [t for entry in self._stats.values() for t in entry[:2]]
         if non_finite(grads + stats):
             # An invalid step changes nothing: factors, momenta, counters stay.
@@ -385,7 +389,6 @@ class KroneckerOptimizer(Optimizer):
             else:
                 FALLBACK_STEPS[group["fallback"]](params, self.state, group)
         self._clear_statistics()
-        self._scale_hint = self._current_grad_scale() if self.grad_scaler is not None else self._scale_hint
         self.steps += 1
         return loss
 
