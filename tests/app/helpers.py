@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import pickle
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO / "conf"
@@ -84,52 +81,3 @@ def run_cli(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, t
     full_env.pop("HYDRA_FULL_ERROR", None)
     cmd = list(command) if command is not None else [sys.executable, str(TRAIN_PY)]
     return subprocess.run([*cmd, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
-
-
-# ----------------------------------------------------------------- fake data sets
-# Tiny copies of CIFAR-100 and ImageWoof-10 in their real on-disk formats; the
-# data tests in tests/data/ write the same layout.
-
-
-def write_fake_cifar100(root: Path, n_train: int = 24, n_test: int = 8) -> None:
-    """``root/cifar-100-python/{train,test,meta}`` as the official pickles."""
-    try:
-        from tests.data.test_data import write_fake_cifar100 as data_agent_writer
-    except ImportError:
-        data_agent_writer = None
-    if data_agent_writer is not None:
-        data_agent_writer(root, n_train=n_train, n_test=n_test)
-        return
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("test", n_test)):
-        fine = rng.integers(0, 100, size=n).tolist()
-        entry = {"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8), "fine_labels": fine,
-                 "coarse_labels": [f // 5 for f in fine], "filenames": [f"{i}.png" for i in range(n)]}  # fmt: skip
-        with open(folder / split, "wb") as f:
-            pickle.dump(entry, f, protocol=2)
-    with open(folder / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)],
-                     "coarse_label_names": [f"s{i}" for i in range(20)]}, f, protocol=2)  # fmt: skip
-
-
-def write_fake_imagewoof(root: Path, n_train: int = 2, n_val: int = 1) -> None:
-    """``root/imagewoof2-160/{train,val}/<wnid>/*.JPEG`` with small JPEGs."""
-    try:
-        from tests.data.test_data import write_fake_imagewoof as data_agent_writer
-    except ImportError:
-        data_agent_writer = None
-    if data_agent_writer is not None:
-        data_agent_writer(root, n_train=n_train, n_val=n_val)
-        return
-    from singd_lightning.data.imagewoof import IMAGEWOOF_CLASSES
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for wnid in IMAGEWOOF_CLASSES:
-            folder = root / "imagewoof2-160" / split / wnid
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{wnid}_{i}.JPEG", quality=90)

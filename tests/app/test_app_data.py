@@ -10,7 +10,8 @@ import hydra
 import torch
 
 from singd_lightning.app.pipeline import build_datamodule, train
-from tests.app.helpers import FAST, compose_cfg, write_fake_cifar100, write_fake_imagewoof
+from tests.app.helpers import FAST, compose_cfg
+from tests.data.test_data import write_fake_cifar100, write_fake_imagewoof
 
 LOCAL = ["data.download=false", "data.num_workers=0", "data.pin_memory=false"]
 
