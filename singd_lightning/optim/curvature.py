@@ -20,7 +20,7 @@ float16, whose range needs ``Aᵀ/√n`` and ``Gᵀ·√N/s`` before the product
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -93,39 +93,111 @@ class KroneckerLayer:
 
 # ---------------------------------------------------------------- row matrices
 class Rows:
-    """A matrix ``Xᵀ`` of shape ``(d, n)`` whose columns are rows of ``A`` (or ``G``),
+    """A matrix ``X`` of shape ``(d, n)`` whose columns are rows of ``A`` (or ``G``),
     built only as far as a statistic needs it.
 
     Sparse structures need little of ``X Xᵀ``: a diagonal factor only needs the
     row sums of squares, which for a convolution cost one pass over the input
-    instead of an im2col copy that is ``k²`` times larger. Structures call
-    :meth:`matrix` or :meth:`square_sums`; both are computed at most once.
+    instead of an im2col copy that is ``k²`` times larger. And every statistic is
+    a sum over the ``n`` columns, so :meth:`reduce` builds ``X`` a few columns at a
+    time: the im2col copy of a convolution never exists in full, which keeps peak
+    memory near that of a first-order optimizer.
+
+    The columns come in *units* of ``unit_columns`` each (the samples of a batch
+    for a convolution: one column per output location), and a chunk is a range of
+    whole units.
 
     Args:
-        build: Returns the ``(d, n)`` matrix.
-        n: Number of rows ``n``.
+        build: ``build(start, stop, row_major)`` returns the ``(d, (stop − start)·
+            unit_columns)`` columns of units ``start … stop − 1``; with ``row_major``
+            laid out as the transpose of a contiguous matrix (each column contiguous).
+        dim: Number of rows ``d``.
+        units: Number of units.
+        unit_columns: Columns per unit.
+        dtype: The dtype of the built columns.
         square_sums: Returns ``diag(X Xᵀ)``, the ``(d,)`` sums of squares over the
-            ``n`` rows, without building the matrix; None derives it from it.
+            ``n`` columns, without building them; None derives it from :meth:`reduce`.
+        copies: Whether ``build`` copies; a view is handed out whole, unchunked.
+        cross: ``cross(index)`` returns ``X[index] Xᵀ``, ``(k, d)``, without building
+            ``X``; None derives it from :meth:`reduce`.
     """
 
-    def __init__(self, build: Callable[[], Tensor], n: int, square_sums: Callable[[], Tensor] | None = None) -> None:
+    #: Largest chunk :meth:`reduce` builds at once, in bytes (about 8 MiB).
+    chunk_bytes: int = 1 << 23
+
+    def __init__(
+        self,
+        build: Callable[[int, int, bool], Tensor],
+        dim: int,
+        units: int,
+        unit_columns: int = 1,
+        dtype: torch.dtype = torch.float32,
+        square_sums: Callable[[], Tensor] | None = None,
+        copies: bool = True,
+        cross: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        self._cross = cross
         self._build = build
+        self._copies = copies
         self._square_sums = square_sums
         self._matrix: Tensor | None = None
-        self.n = n
+        self.dim = dim
+        self.units = units
+        self.unit_columns = unit_columns
+        self.dtype = dtype
+        self.n = units * unit_columns
         self.scale = 1.0
 
+    def _scaled(self, x: Tensor) -> Tensor:
+        return x if self.scale == 1.0 else x * self.scale
+
     def matrix(self) -> Tensor:
-        """``X``, ``(d, n)``, times :attr:`scale`."""
+        """``X``, ``(d, n)``, times :attr:`scale` (built in full, and kept)."""
         if self._matrix is None:
-            mat = self._build()
-            self._matrix = mat if self.scale == 1.0 else mat * self.scale
+            self._matrix = self._scaled(self._build(0, self.units, False))
         return self._matrix
 
+    def chunks(self, max_bytes: int | None = None, row_major: bool = False) -> Iterator[Tensor]:
+        """``X`` (times :attr:`scale`) as consecutive ``(d, n_i)`` column blocks of at
+        most ``max_bytes`` (default :attr:`chunk_bytes`; at least one unit each).
+        ``row_major`` asks for contiguous columns where the blocks are built (a
+        built :meth:`matrix` or a view is handed out as it is)."""
+        if self._matrix is not None or not self._copies:
+            yield self.matrix()
+            return
+        unit_bytes = self.dim * self.unit_columns * self.dtype.itemsize
+        step = max(1, (max_bytes or self.chunk_bytes) // max(1, unit_bytes))
+        for start in range(0, self.units, step):
+            yield self._scaled(self._build(start, min(start + step, self.units), row_major))
+
+    def reduce(
+        self, statistic: Callable[[Tensor], Tensor], max_bytes: int | None = None, row_major: bool = False
+    ) -> Tensor:
+        """``Σ_i statistic(X_i)`` over the column blocks of :meth:`chunks`: equal to
+        ``statistic(X)`` for a statistic that sums over columns (any ``Π(Sᵀ X Xᵀ S)``).
+        Half-precision partial results are summed in float32."""
+        total, dtype = None, None
+        for chunk in self.chunks(max_bytes, row_major):
+            part = statistic(chunk)
+            if total is None:
+                dtype = part.dtype
+                total = part.to(torch.promote_types(dtype, torch.float32), copy=True)
+            else:
+                total.add_(part)
+        return total.to(dtype)
+
+    def cross(self, index: Tensor) -> Tensor:
+        """``X[index] Xᵀ``, ``(k, d)`` for ``k`` row indices, times :attr:`scale` ²: the
+        products of a few rows with all rows, as sparse structures need them."""
+        if self._matrix is not None or self._cross is None:
+            return self.reduce(lambda x: x[..., index, :] @ x.mT)
+        products = self._cross(index)
+        return products if self.scale == 1.0 else products * self.scale**2
+
     def square_sums(self) -> Tensor:
-        """``Σ_rows X²``, ``(d,)``, times :attr:`scale` ²."""
+        """``Σ_columns X²``, ``(d,)``, times :attr:`scale` ²."""
         if self._matrix is not None or self._square_sums is None:
-            return self.matrix().square().sum(dim=-1)
+            return self.reduce(lambda x: x.square().sum(dim=-1))
         sums = self._square_sums()
         return sums if self.scale == 1.0 else sums * self.scale**2
 
@@ -174,38 +246,104 @@ def conv2d_patch_view(x: Tensor, conv: nn.Conv2d) -> Tensor:
     )
 
 
-def _layout_rows(view: Tensor, feature_dims: int, has_bias: bool) -> Tensor:
-    """Copy a view of shape ``(*features, *rows)`` into a contiguous ``(d [+1], n)``
-    matrix, writing the bias's row of ones in the same pass."""
-    d = math.prod(view.shape[:feature_dims])
-    out = view.new_empty(d + int(has_bias), *view.shape[feature_dims:])
+def _layout_rows(view: Tensor, feature_dims: int, has_bias: bool, row_major: bool = False) -> Tensor:
+    """Copy a view of shape ``(*features, *rows)`` into a ``(d [+1], n)`` matrix,
+    writing the bias's row of ones in the same pass: contiguous, or with
+    ``row_major`` the transpose of a contiguous ``(n, d [+1])`` matrix."""
+    features, rows = view.shape[:feature_dims], view.shape[feature_dims:]
+    d = math.prod(features)
+    if row_major:
+        out = view.new_empty(*rows, d + int(has_bias))
+        order = [*range(feature_dims, view.ndim), *range(feature_dims)]
+        out[..., :d].view(*rows, *features).copy_(view.permute(order))
+        if has_bias:
+            out[..., d].fill_(1.0)
+        return out.reshape(-1, d + int(has_bias)).mT
+    out = view.new_empty(d + int(has_bias), *rows)
     out[:d].view(view.shape).copy_(view)
     if has_bias:
         out[d].fill_(1.0)
     return out.reshape(out.shape[0], -1)
 
 
+def _conv_cross(x: Tensor, patches: Tensor, conv: nn.Conv2d, has_bias: bool, index: Tensor) -> Tensor:
+    """``X[index] Xᵀ`` for the im2col matrix ``X`` of a convolution, ``(k, d)``,
+    without building ``X``.
+
+    In the flattened channels-last input, the pixel that kernel entry ``(i, j)``
+    meets in a window is the window's top-left pixel plus a fixed offset. So with
+    the selected rows scattered onto the windows' top-left pixels (zeros
+    elsewhere), the products with all rows of kernel entry ``(i, j)`` are one
+    matrix product with a contiguous, shifted slice of the input: ``k1·k2``
+    products and one copy of the input instead of an im2col copy ``k1·k2`` times
+    its size.
+
+    Args:
+        x: The padded input, ``(N, c, H', W')`` (see :func:`conv2d_input`).
+        patches: Its :func:`conv2d_patch_view`, ``(c, k1, k2, N, O1, O2)``.
+        conv: The layer (for its stride and dilation).
+        has_bias: Whether ``X`` has a last row of ones.
+        index: ``(k,)`` row indices of ``X`` (``d − 1`` is the ones row with a bias).
+    """
+    batch, channels, height, width = x.shape
+    kernel_h, kernel_w = conv.kernel_size
+    (stride_h, stride_w), (dilation_h, dilation_w) = conv.stride, conv.dilation
+    out_h, out_w = patches.shape[4], patches.shape[5]
+    d_w = channels * kernel_h * kernel_w
+    index = index.to(x.device)
+    feature = index.clamp(max=d_w - 1)
+    # (k, N, O1, O2): the selected rows only (flattening the view would copy it all).
+    selected = patches[feature // (kernel_h * kernel_w), feature // kernel_w % kernel_h, feature % kernel_w]
+    selected[index >= d_w] = 1.0  # the ones row
+    corners = x.new_zeros(len(index), batch, height, width)
+    corners[:, :, : out_h * stride_h : stride_h, : out_w * stride_w : stride_w] = selected
+    corners = corners.flatten(1)  # (k, M), M = N·H'·W'
+    pixels = x.permute(0, 2, 3, 1).reshape(-1, channels)  # (M, c), channels-last copy
+    total = pixels.shape[0]
+    products = x.new_empty(len(index), channels, kernel_h, kernel_w)
+    for i in range(kernel_h):
+        for j in range(kernel_w):
+            # Windows stay inside the image, so non-zero corners never run past M.
+            offset = i * dilation_h * width + j * dilation_w
+            products[:, :, i, j] = corners[:, : total - offset] @ pixels[offset:]
+    products = products.flatten(1)  # (k, d_w)
+    if has_bias:  # the ones row's column: the selected rows' sums
+        products = torch.cat([products, selected.sum(dim=(1, 2, 3)).unsqueeze(1)], dim=1)
+    return products
+
+
 def input_rows(layer: KroneckerLayer, x: Tensor, approx: str) -> Rows:
     """``Aᵀ`` (un-normalised) as :class:`Rows`: ``(d_K, n)``; the last row is ones
-    when the layer has a bias. The matrix is built in a single copy."""
+    when the layer has a bias. Each chunk is built in a single copy."""
     module, has_bias = layer.module, layer.has_bias
+    d_k = layer.dim_in
     if isinstance(module, nn.Conv2d):
         if x.ndim == 3:  # un-batched input
             x = x.unsqueeze(0)
         x = conv2d_input(x, module)
         patches = conv2d_patch_view(x, module)  # (c, k1, k2, N, O1, O2)
-        d = patches.shape[0] * patches.shape[1] * patches.shape[2]
+        batch, locations = patches.shape[3], patches.shape[4] * patches.shape[5]
         if approx == "expand":
-            n = patches.shape[3] * patches.shape[4] * patches.shape[5]
+            n = batch * locations
 
             def square_sums() -> Tensor:
-                # Squares of the padded input, summed over the same strided windows.
-                sums = conv2d_patch_view(x.square(), module).sum(dim=(3, 4, 5)).flatten()
+                # Squares of the padded input summed over the batch, then over the
+                # same strided windows.
+                squares = x.square().sum(dim=0, keepdim=True)
+                sums = conv2d_patch_view(squares, module).sum(dim=(3, 4, 5)).flatten()
                 return torch.cat([sums, sums.new_full((1,), n)]) if has_bias else sums
 
-            return Rows(lambda: _layout_rows(patches, 3, has_bias), n, square_sums)
-        mean = patches.mean(dim=(4, 5)).reshape(d, -1)  # (d, N): no im2col copy
-        return Rows(lambda: _layout_rows(mean, 1, has_bias), mean.shape[1])
+            return Rows(
+                lambda start, stop, row_major: _layout_rows(patches[:, :, :, start:stop], 3, has_bias, row_major),
+                d_k, batch, locations, x.dtype, square_sums,
+                # Few channels make the shifted products narrow (and im2col small).
+                cross=partial(_conv_cross, x, patches, module, has_bias) if patches.shape[0] >= 32 else None,
+            )
+        mean = patches.mean(dim=(4, 5)).flatten(0, 2)  # (d, N): no im2col copy
+        return Rows(
+            lambda start, stop, row_major: _layout_rows(mean[:, start:stop], 1, has_bias, row_major),
+            d_k, batch, 1, x.dtype,
+        )
     d = x.shape[-1]
     flat = x.reshape(-1, d)
     if approx == "reduce" and x.ndim > 2:
@@ -217,8 +355,11 @@ def input_rows(layer: KroneckerLayer, x: Tensor, approx: str) -> Rows:
         return torch.cat([sums, sums.new_full((1,), n)]) if has_bias else sums
 
     if not has_bias:
-        return Rows(lambda: flat.T, n, square_sums)
-    return Rows(lambda: _layout_rows(flat.T, 1, True), n, square_sums)
+        return Rows(lambda start, stop, _: flat[start:stop].T, d_k, n, 1, x.dtype, square_sums, copies=False)
+    return Rows(
+        lambda start, stop, row_major: _layout_rows(flat[start:stop].T, 1, True, row_major),
+        d_k, n, 1, x.dtype, square_sums,
+    )
 
 
 def output_gradient_rows(
@@ -226,27 +367,31 @@ def output_gradient_rows(
 ) -> tuple[Rows, int]:
     """``Gᵀ`` (un-scaled) as :class:`Rows`, ``(d_o, n')``, and the number ``N`` of
     loss terms the output gradient averages over."""
-    module = layer.module
+    module, d_o = layer.module, layer.dim_out
     if isinstance(module, nn.Conv2d):
         if g.ndim == 3:
             g = g.unsqueeze(0)
         batch, shared = g.shape[0], g.shape[2:].numel()
         if approx == "expand":
-            rows = Rows(
-                lambda: g.transpose(0, 1).reshape(g.shape[1], -1),
-                batch * shared,
-                lambda: g.square().sum(dim=(0, 2, 3)),
-            )
+
+            def build(start: int, stop: int, row_major: bool) -> Tensor:
+                if row_major:
+                    return g[start:stop].permute(0, 2, 3, 1).reshape(-1, d_o).mT
+                return g[start:stop].transpose(0, 1).reshape(d_o, -1)
+
+            rows = Rows(build, d_o, batch, shared, g.dtype, lambda: g.square().sum(dim=(0, 2, 3)))
         else:
             summed = g.sum(dim=(2, 3))
-            rows = Rows(lambda: summed.T, batch)
+            rows = Rows(lambda start, stop, _: summed[start:stop].T, d_o, batch, 1, g.dtype, copies=False)
     else:
         if g.ndim <= 1:
             g = g.unsqueeze(0)
-        d = g.shape[-1]
         batch, shared = g.shape[0], g.shape[1:-1].numel()
-        flat = g.reshape(-1, d) if approx == "expand" or g.ndim == 2 else g.reshape(batch, -1, d).sum(dim=1)
-        rows = Rows(lambda: flat.T, flat.shape[0], lambda: flat.square().sum(dim=0))
+        flat = g.reshape(-1, d_o) if approx == "expand" or g.ndim == 2 else g.reshape(batch, -1, d_o).sum(dim=1)
+        rows = Rows(
+            lambda start, stop, _: flat[start:stop].T, d_o, flat.shape[0], 1, g.dtype,
+            lambda: flat.square().sum(dim=0), copies=False,
+        )
     if loss_average is None:
         num_terms = 1
     elif loss_average == "batch":

@@ -206,9 +206,8 @@ class SINGD(KroneckerOptimizer):
         K, C = state["K"], state["C"]
         # Ĝ K Kᵀ = (K (Kᵀ Ĝᵀ))ᵀ, then C (Cᵀ ·): only structured products.
         x = grad.mT.to(K.dtype)
-        x = layout_k.matmul(K, layout_k.matmul(K, x, transpose=True))
-        x = x.mT.to(C.dtype)
-        x = layout_c.matmul(C, layout_c.matmul(C, x, transpose=True))
+        x = layout_k.matmul_outer(K, x)
+        x = layout_c.matmul_outer(C, x.mT.to(C.dtype))
         return x.to(grad.dtype)
 
 

@@ -25,3 +25,12 @@ def unsqueeze_alpha(alpha: float | Tensor, ndim: int) -> float | Tensor:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype to run FFTs in: half types are upcast (CPU FFT lacks them)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def dense_matmul_outer(mat: Tensor, x: Tensor) -> Tensor:
+    """``M Mᵀ x`` for ``M`` of shape ``(*batch, d, d)`` and ``x`` of shape
+    ``(*batch, d, n)``: through ``M Mᵀ`` (``d³ + d²n``) when ``x`` has more columns
+    than rows, else as ``M (Mᵀ x)`` (``2d²n``)."""
+    if x.shape[-1] > mat.shape[-1]:
+        return (mat @ mat.mT) @ x
+    return mat @ (mat.mT @ x)

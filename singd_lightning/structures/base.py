@@ -122,15 +122,23 @@ class Structure(ABC):
         """In place: ``S ← S + alpha · I``. ``alpha`` may be a ``(*batch,)`` tensor."""
 
     # ----------------------------------------------------------- derived ops
+    def matmul_outer(self, data: Tensor, x: Tensor) -> Tensor:
+        """``S Sᵀ x`` for dense ``x`` of shape ``(*batch, dim, n)`` (the factor's
+        share of a preconditioned gradient)."""
+        return self.matmul(data, self.matmul(data, x, transpose=True))
+
     def project_gram(self, data: Tensor, x: Tensor) -> Tensor:
         """Π(Sᵀ x xᵀ S) for dense ``x`` of shape ``(*batch, dim, n)``."""
         return self.project_outer(self.matmul(data, x, transpose=True))
 
     def project_gram_rows(self, data: Tensor, rows) -> Tensor:
-        """Π(Sᵀ X Xᵀ S) for a lazily built ``X`` (an object with ``matrix()``, the
-        ``(dim, n)`` matrix, and ``square_sums()``, its ``(dim,)`` row sums of
-        squares). Structures that need less than ``X`` itself read less."""
-        return self.project_gram(data, rows.matrix())
+        """Π(Sᵀ X Xᵀ S) for a lazily built ``X`` of shape ``(dim, n)``: an object with
+        ``n``, ``reduce(statistic)`` (the sum of ``statistic`` over blocks of ``X``'s
+        columns, built one at a time), ``matrix()`` (all of ``X``) and
+        ``square_sums()`` (its ``(dim,)`` row sums of squares), such as
+        :class:`~singd_lightning.optim.curvature.Rows`. Structures that need less
+        than ``X`` itself read less."""
+        return rows.reduce(lambda x: self.project_gram(data, x))
 
     def average_trace(self, data: Tensor) -> Tensor:
         """``trace(S) / dim``, shape ``(*batch,)``."""

@@ -120,6 +120,13 @@ class BlockDiagonal(Structure):
         y_head, y_last = blocks.mT @ x_head, last.mT @ x_last
         return self._pack(y_head @ y_head.mT, y_last @ y_last.mT)
 
+    def project_gram_rows(self, data: Tensor, rows) -> Tensor:
+        if rows.n > 2 * self.block_size:  # block Grams first, over column blocks
+            blocks, last = self._blocks(data)
+            gram_blocks, gram_last = self._blocks(rows.reduce(self.project_outer))
+            return self._pack(blocks.mT @ gram_blocks @ blocks, last.mT @ gram_last @ last)
+        return super().project_gram_rows(data, rows)
+
     def project_self_gram(self, data: Tensor) -> Tensor:
         blocks, last = self._blocks(data)
         return self._pack(blocks.mT @ blocks, last.mT @ last)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from singd_lightning.structures._utils import dense_matmul_outer
 from singd_lightning.structures.base import Structure
 
 
@@ -29,6 +30,9 @@ class Dense(Structure):
         mat = self._mat(data)
         return (mat.mT if transpose else mat) @ x
 
+    def matmul_outer(self, data: Tensor, x: Tensor) -> Tensor:
+        return dense_matmul_outer(self._mat(data), x)
+
     def compose(self, a: Tensor, b: Tensor) -> Tensor:
         return (self._mat(a) @ self._mat(b)).flatten(-2)
 
@@ -42,6 +46,13 @@ class Dense(Structure):
             return (mat.mT @ (x @ x.mT) @ mat).flatten(-2)
         y = mat.mT @ x
         return (y @ y.mT).flatten(-2)
+
+    def project_gram_rows(self, data: Tensor, rows) -> Tensor:
+        if rows.n > 2 * self.dim:  # Gram first, accumulated over column blocks
+            mat = self._mat(data)
+            gram = rows.reduce(lambda x: x @ x.mT)
+            return (mat.mT @ gram @ mat).flatten(-2)
+        return super().project_gram_rows(data, rows)
 
     def project_self_gram(self, data: Tensor) -> Tensor:
         mat = self._mat(data)

@@ -144,19 +144,28 @@ class Hierarchical(Structure):
         )
 
     def project_gram(self, data: Tensor, x: Tensor) -> Tensor:
-        """Π(Sᵀ x xᵀ S) from three small statistics of ``x``, never forming ``Sᵀ x``.
+        x1, x2, x3 = self._rows(x)
+        border = torch.cat([x1, x3], dim=-2)  # P, (k, n)
+        return self._project_gram_from(data, border @ x.mT, x2.square().sum(dim=-1))
+
+    def project_gram_rows(self, data: Tensor, rows) -> Tensor:
+        mid = self.n1 + self.m
+        border = torch.cat([torch.arange(self.n1), torch.arange(mid, self.dim)])
+        px = rows.cross(border).to(data.dtype)
+        return self._project_gram_from(data, px, rows.square_sums()[..., self.n1 : mid].to(data.dtype))
+
+    def _project_gram_from(self, data: Tensor, px: Tensor, mid_square_sums: Tensor) -> Tensor:
+        """Π(Sᵀ x xᵀ S) from two small statistics of ``x``, never forming ``Sᵀ x``.
 
         With ``P = [x1; x3]`` the border rows of ``x`` (``k = n1 + n2`` of them) and
         ``Kb = [[A, B, C], [0, E, F]]`` the border rows of ``S``, ``Sᵀ x`` is
         ``Kbᵀ P`` plus ``D x2`` in the middle rows. Every entry of the projection
-        then follows from ``P xᵀ`` (``k × d``, one product over the ``n`` columns)
-        and the middle rows' sums of squares; the rest is ``O(k² d)``.
+        then follows from ``px = P xᵀ`` (``k × d``, one product over the ``n``
+        columns) and the middle rows' sums of squares ``(m,)``; the rest is
+        ``O(k² d)``.
         """
         A, B, C, D, E, F = self._parts(data)
         n1, m = self.n1, self.m
-        x1, x2, x3 = self._rows(x)
-        border = torch.cat([x1, x3], dim=-2)  # P, (k, n)
-        px = border @ x.mT  # P xᵀ, (k, d)
         gram = torch.cat([px[..., :n1], px[..., n1 + m :]], dim=-1)  # P Pᵀ, (k, k)
         cross = px[..., n1 : n1 + m]  # P x2ᵀ, (k, m)
         top = torch.cat([A, B, C], dim=-1)
@@ -168,7 +177,7 @@ class Hierarchical(Structure):
         p_y = gram @ kb
         diag_mid = (kb_mid * p_y[..., n1 : n1 + m]).sum(dim=-2)
         diag_mid = diag_mid + 2 * D * (kb_mid * cross).sum(dim=-2)
-        diag_mid = diag_mid + D.square() * torch.linalg.vector_norm(x2, dim=-1).square()
+        diag_mid = diag_mid + D.square() * mid_square_sums
         p_y = torch.cat([p_y[..., :n1], p_y[..., n1 : n1 + m] + cross * D.unsqueeze(-2), p_y[..., n1 + m :]], dim=-1)
         # Border rows of y yᵀ: (Kb's border columns)ᵀ P yᵀ, (k, d).
         rows = kb_border.mT @ p_y

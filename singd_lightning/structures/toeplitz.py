@@ -3,18 +3,34 @@
 A lower-triangular Toeplitz matrix ``L`` has ``L[i, j] = t[i − j]`` for ``i ≥ j``;
 the upper one is ``U = Lᵀ`` for the same ``t``. Products with ``L`` are truncated
 causal convolutions, so every operation here runs in ``O(d log d)`` per column
-through real FFTs of length ``≥ 2d − 1`` (no circular wrap-around), and nothing of
-size ``d × d`` is ever formed except where the input already is (:meth:`project`).
+through real FFTs of length ``≥ 2d − 1`` (no circular wrap-around). Where a dense
+product is cheaper (small ``d``, or a statistic over many more columns than ``d``),
+a rough cost model picks it instead: FFTs beat matrix products only for long rows.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 from torch.fft import irfft, rfft
 
-from singd_lightning.structures._utils import compute_dtype
+from singd_lightning.structures._utils import compute_dtype, dense_matmul_outer
 from singd_lightning.structures.base import Structure
+
+
+# Cost of one length-N real FFT (forward or inverse) of a row, in multiply-adds of a
+# matrix product, per N·log2(N): measured on CPU with float32 (MKL). The FFT routes
+# are memory-bound, matrix products are not, hence the large constant.
+FFT_COST = 23.0
+# Rows per block of the FFT pipeline: ~1M floats, so that its buffers stay in cache.
+_BLOCK_ELEMENTS = 1 << 20
+
+
+def _fft_cost(dim: int, rows: int, passes: int) -> float:
+    n_fft = _fft_len(dim)
+    return FFT_COST * passes * rows * n_fft * math.log2(n_fft)
 
 
 def _fft_len(dim: int) -> int:
@@ -46,12 +62,13 @@ class _TriangularToeplitz(Structure):
         return self.dim
 
     def to_dense(self, data: Tensor) -> Tensor:
-        i = torch.arange(self.dim, device=data.device)
-        diff = i.unsqueeze(-1) - i  # diff[i, j] = i − j
-        if not self.lower:
-            diff = diff.T
-        dense = data[..., diff.clamp(min=0)]
-        return dense.masked_fill_(diff < 0, 0)
+        # A Hankel view H[i, j] = w[i + j] of w = (t reversed, then d − 1 zeros) has
+        # H[d − 1 − i, j] = t[i − j] below the diagonal and 0 above: L is H flipped.
+        d = self.dim
+        w = torch.cat([data.flip(-1), data.new_zeros(*data.shape[:-1], d - 1)], dim=-1).contiguous()
+        hankel = w.as_strided((*w.shape[:-1], d, d), (*w.stride()[:-1], 1, 1))
+        lower = hankel.flip(-2)
+        return lower if self.lower else lower.mT.contiguous()
 
     def project(self, sym: Tensor) -> Tensor:
         d = self.dim
@@ -83,8 +100,31 @@ class _TriangularToeplitz(Structure):
     def matmul(self, data: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
         out_dtype = torch.promote_types(data.dtype, x.dtype)
         dtype = compute_dtype(out_dtype)
-        out = self._apply_to_rows(data.to(dtype), x.to(dtype).mT, transpose).mT
-        return out.to(out_dtype)
+        data, x = data.to(dtype), x.to(dtype)
+        if self.dim**2 <= _fft_cost(self.dim, 1, passes=2):  # short rows: dense product
+            mat = self.to_dense(data)
+            return ((mat.mT if transpose else mat) @ x).to(out_dtype)
+        return self._apply_to_rows(data, x.mT, transpose).mT.to(out_dtype)
+
+    def matmul_outer(self, data: Tensor, x: Tensor) -> Tensor:
+        out_dtype = torch.promote_types(data.dtype, x.dtype)
+        dtype = compute_dtype(out_dtype)
+        data, x = data.to(dtype), x.to(dtype)
+        d, n_fft = self.dim, _fft_len(self.dim)
+        if d**2 <= _fft_cost(d, 1, passes=2):
+            return dense_matmul_outer(self.to_dense(data), x).to(out_dtype)
+        # Row by row (the columns of x): Sᵀ then S in the frequency domain, with
+        # one buffer whose tail is zeroed between the two (the truncation of Sᵀ x).
+        spec_t = rfft(data, n=n_fft).unsqueeze(-2)
+        first, second = (spec_t.conj(), spec_t) if self.lower else (spec_t, spec_t.conj())
+        buffer = x.new_zeros(*x.shape[:-2], x.shape[-1], n_fft)
+        buffer[..., :d].copy_(x.mT)
+        spectrum = rfft(buffer, dim=-1).mul_(first)
+        torch.fft.irfft(spectrum, n=n_fft, dim=-1, out=buffer)
+        buffer[..., d:].zero_()
+        spectrum = rfft(buffer, dim=-1).mul_(second)
+        torch.fft.irfft(spectrum, n=n_fft, dim=-1, out=buffer)
+        return buffer[..., :d].mT.to(out_dtype)
 
     def compose(self, a: Tensor, b: Tensor) -> Tensor:
         # L_a L_b is lower Toeplitz with the truncated convolution a * b; U_a U_b =
@@ -104,24 +144,78 @@ class _TriangularToeplitz(Structure):
         return out
 
     def project_outer(self, y: Tensor) -> Tensor:
-        return self._project_outer_rows(y.to(compute_dtype(y.dtype)).mT).to(y.dtype)
-
-    def _project_outer_rows(self, rows: Tensor) -> Tensor:
-        # Sum of the k-th lower diagonal of y yᵀ = Σ_cols Σ_i y[i+k] y[i]: the
-        # autocorrelation of each column at lag k, summed over columns — one power
-        # spectrum summed over columns, then a single inverse FFT.
-        d, n_fft = self.dim, _fft_len(self.dim)
-        spec = rfft(rows, n=n_fft, dim=-1)
-        power = (spec.real.square() + spec.imag.square()).sum(dim=-2)
-        return self._normalize(irfft(power, n=n_fft)[..., :d])
+        y_work = y.to(compute_dtype(y.dtype))
+        if self.dim**2 <= _fft_cost(self.dim, 1, passes=1):  # short rows: dense Gram
+            return self.project(y_work @ y_work.mT).to(y.dtype)
+        return self._project_outer_fft(y_work).to(y.dtype)
 
     def project_gram(self, data: Tensor, x: Tensor) -> Tensor:
-        # Sᵀ x and its autocorrelation with x laid out as rows (n, d): every FFT
-        # runs along the contiguous dimension.
         out_dtype = torch.promote_types(data.dtype, x.dtype)
         dtype = compute_dtype(out_dtype)
-        rows = self._apply_to_rows(data.to(dtype), x.to(dtype).mT.contiguous(), transpose=True)
-        return self._project_outer_rows(rows).to(out_dtype)
+        t, x = data.to(dtype), x.to(dtype)
+        if self._gram_first(x.shape[-1]):
+            return self._project_sandwich(t, x @ x.mT).to(out_dtype)
+        return self._project_outer_fft(x, t).to(out_dtype)
+
+    def project_gram_rows(self, data: Tensor, rows) -> Tensor:
+        out_dtype = torch.promote_types(data.dtype, rows.dtype)
+        dtype = compute_dtype(out_dtype)
+        t = data.to(dtype)
+        if self._gram_first(rows.n):
+            gram = rows.reduce(lambda x: x.to(dtype) @ x.to(dtype).mT)
+            return self._project_sandwich(t, gram).to(out_dtype)
+        return rows.reduce(lambda x: self._project_outer_fft(x.to(dtype), t), row_major=True).to(out_dtype)
+
+    def _gram_first(self, n: int) -> bool:
+        """Whether Π(Sᵀ X Xᵀ S) for ``n`` columns is cheaper through the Gram matrix
+        ``X Xᵀ`` (``n·d²``, then two products with ``S`` over its ``d`` rows) than by
+        three FFT passes over all ``n`` columns."""
+        d = self.dim
+        sandwich = 2 * min(d**3, _fft_cost(d, d, passes=2))
+        return n * d * d + sandwich < _fft_cost(d, n, passes=3)
+
+    def _project_sandwich(self, t: Tensor, gram: Tensor) -> Tensor:
+        """Π(Sᵀ G S) for a dense symmetric ``G``: ``Sᵀ (Sᵀ G)ᵀ = Sᵀ G S``."""
+        left = self.matmul(t, gram, transpose=True)  # Sᵀ G
+        return self.project(self.matmul(t, left.mT, transpose=True))
+
+    def _project_outer_fft(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        """Π(y yᵀ) for ``y = Sᵀ x`` (``y = x`` without ``t``), ``x`` of shape
+        ``(*batch, d, n)``, by FFTs: per column, ``Sᵀ x`` as a correlation truncated
+        to ``d`` entries, then its power spectrum, summed over columns. (The sum of
+        the ``k``-th lower diagonal of ``y yᵀ`` is the columns' autocorrelation at lag
+        ``k``.) Runs over blocks of columns through small reused buffers: no spectrum
+        of all columns at once."""
+        d, n_fft = self.dim, _fft_len(self.dim)
+        batch = x.shape[:-2] if t is None else torch.broadcast_shapes(t.shape[:-1], x.shape[:-2])
+        n = x.shape[-1]
+        x = x.expand(*batch, d, n).reshape(-1, d, n)
+        spec_t = None
+        if t is not None:
+            spec_t = rfft(t.expand(*batch, d).reshape(-1, d), n=n_fft).unsqueeze(-2)
+            if self.lower:  # Lᵀ @ x (and U @ x = Lᵀ @ x): correlation, the conjugate
+                spec_t = spec_t.conj()
+        block = max(1, min(n, _BLOCK_ELEMENTS // n_fft))
+        power = x.new_zeros(x.shape[0], 2 * (n_fft // 2 + 1))
+        buffer = spectrum = None
+        for start in range(0, n, block):
+            m = min(block, n - start)
+            if buffer is None or buffer.shape[1] != m:
+                buffer = x.new_zeros(x.shape[0], m, n_fft)  # the tail stays zero
+                spectrum = torch.empty(
+                    x.shape[0], m, n_fft // 2 + 1, dtype=torch.promote_types(x.dtype, torch.complex64),
+                    device=x.device,
+                )
+            buffer[..., :d].copy_(x[..., start : start + m].mT)
+            torch.fft.rfft(buffer, dim=-1, out=spectrum)
+            if spec_t is not None:
+                spectrum.mul_(spec_t)
+                torch.fft.irfft(spectrum, n=n_fft, dim=-1, out=buffer)
+                buffer[..., d:].zero_()  # truncate Sᵀ x to its d entries
+                torch.fft.rfft(buffer, dim=-1, out=spectrum)
+            power.add_(torch.view_as_real(spectrum).flatten(-2).square().sum(dim=-2))
+        power = power.unflatten(-1, (-1, 2)).sum(dim=-1)
+        return self._normalize(irfft(power, n=n_fft)[..., :d]).reshape(*batch, d)
 
     def project_self_gram(self, data: Tensor) -> Tensor:
         # Both LᵀL and LLᵀ have k-th lower-diagonal sum Σ_{u ≥ k} (d − u) t[u] t[u − k]

@@ -90,3 +90,39 @@ def test_square_sums_without_matrix_equal_matrix_path(conv, approx):
     fast_g = output_gradient_rows(layer, g, approx, "batch")[0].square_sums()
     slow_g = output_gradient_rows(layer, g, approx, "batch")[0].matrix().square().sum(dim=-1)
     torch.testing.assert_close(fast_g, slow_g)
+
+
+ROW_SOURCES = [
+    pytest.param(nn.Conv2d(32, 5, 3, padding=1), (3, 32, 5, 4), id="conv-wide"),  # shifted products
+    pytest.param(nn.Conv2d(32, 4, (2, 3), stride=(2, 1), dilation=(1, 2), bias=False), (2, 32, 7, 8), id="conv-strided"),
+    pytest.param(nn.Conv2d(6, 4, 3, padding=1, groups=2, padding_mode="reflect"), (3, 6, 5, 5), id="conv-narrow"),
+    pytest.param(nn.Linear(7, 5), (3, 4, 7), id="linear-bias"),
+    pytest.param(nn.Linear(7, 5, bias=False), (3, 4, 7), id="linear"),
+]
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("module,shape", ROW_SOURCES)
+def test_rows_chunks_reduce_and_cross_equal_the_matrix(module, shape, approx):
+    """Chunks (in either memory layout) tile the matrix, and the chunked statistics
+    (sums, and products of some rows with all rows) equal those of the matrix."""
+    from singd_lightning.optim.curvature import input_rows, output_gradient_rows
+
+    torch.manual_seed(0)
+    module = module.double()
+    layer = KroneckerLayer("layer", module, group={}, has_bias=module.bias is not None)
+    x = torch.randn(*shape, dtype=torch.float64)
+    g = torch.randn_like(module(x))
+    for make_rows in (lambda: input_rows(layer, x, approx), lambda: output_gradient_rows(layer, g, approx, "batch")[0]):
+        full = make_rows().matrix()
+        for row_major in (False, True):
+            rows = make_rows()
+            rows.chunk_bytes = full.shape[0] * full.element_size()  # one unit per chunk
+            chunks = list(rows.chunks(row_major=row_major))
+            torch.testing.assert_close(torch.cat(chunks, dim=1), full)
+        rows = make_rows()
+        rows.chunk_bytes = 1
+        torch.testing.assert_close(rows.reduce(lambda m: m @ m.T), full @ full.T)
+        index = torch.tensor([0, full.shape[0] - 1, full.shape[0] // 2])
+        torch.testing.assert_close(make_rows().cross(index), full[index] @ full.T)
+        torch.testing.assert_close(make_rows().square_sums(), full.square().sum(dim=1))

@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 
+from singd_lightning.optim.curvature import Rows
 from singd_lightning.structures import STRUCTURES, Structure
 
 # ---------------------------------------------------------------- test cases
@@ -211,6 +212,61 @@ def test_project_outer_and_grams(name, opts, dim):
         layout.to_dense(layout.project_self_gram(data)),
         ref_project(layout, mat.T @ mat),
     )
+
+
+@pytest.mark.parametrize("name,opts,dim", CASES)
+def test_matmul_outer(name, opts, dim):
+    layout = make(name, opts, dim)
+    data = rand_data(layout)
+    mat = layout.to_dense(data)
+    for columns in (3, 2 * dim + 1):  # both orders of the dense products
+        x = torch.randn(dim, columns, dtype=F64)
+        close(layout.matmul_outer(data, x), mat @ mat.T @ x)
+
+
+def column_rows(x: torch.Tensor, chunk_columns: int) -> Rows:
+    """``x`` as lazily built :class:`Rows`, handed out ``chunk_columns`` at a time."""
+    rows = Rows(
+        lambda start, stop, row_major: x[:, start:stop].T.contiguous().T if row_major else x[:, start:stop].clone(),
+        x.shape[0], x.shape[1], 1, x.dtype,
+    )
+    rows.chunk_bytes = chunk_columns * x.shape[0] * x.element_size()
+    return rows
+
+
+@pytest.mark.parametrize("name,opts,dim", CASES)
+def test_project_gram_rows_over_column_chunks(name, opts, dim):
+    """The statistic summed over column chunks (each route: few columns, and more
+    than twice the dimension) equals the dense reference."""
+    layout = make(name, opts, dim)
+    data = rand_data(layout)
+    mat = layout.to_dense(data)
+    for columns in (3, 2 * dim + 5):
+        x = torch.randn(dim, columns, dtype=F64)
+        expected = ref_project(layout, mat.T @ x @ x.T @ mat)
+        close(layout.to_dense(layout.project_gram_rows(data, column_rows(x, 2))), expected)
+
+
+@pytest.mark.parametrize("fft_cost", [0.0, 1e12], ids=["fft", "dense"])
+@pytest.mark.parametrize("name", sorted(TOEPLITZ))
+@pytest.mark.parametrize("dim", [1, 2, 7, 33])
+def test_toeplitz_fft_and_dense_routes(monkeypatch, fft_cost, name, dim):
+    """The Toeplitz ops pick FFTs or dense products by a cost model; both routes
+    are exact (forced here by making FFTs free or prohibitive)."""
+    from singd_lightning.structures import toeplitz
+
+    monkeypatch.setattr(toeplitz, "FFT_COST", fft_cost)
+    monkeypatch.setattr(toeplitz, "_BLOCK_ELEMENTS", 4 * toeplitz._fft_len(dim))  # several blocks
+    layout = make(name, {}, dim)
+    data, x = rand_data(layout), torch.randn(dim, 9, dtype=F64)
+    mat = layout.to_dense(data)
+    close(layout.matmul(data, x), mat @ x)
+    close(layout.matmul(data, x, transpose=True), mat.T @ x)
+    close(layout.matmul_outer(data, x), mat @ mat.T @ x)
+    close(layout.to_dense(layout.project_outer(x)), ref_project(layout, x @ x.T))
+    expected = ref_project(layout, mat.T @ x @ x.T @ mat)
+    close(layout.to_dense(layout.project_gram(data, x)), expected)
+    close(layout.to_dense(layout.project_gram_rows(data, column_rows(x, 4))), expected)
 
 
 @pytest.mark.parametrize("name,opts,dim", CASES)
