@@ -8,7 +8,8 @@ structure), at the given ``T`` values, on three CIFAR-size models, and prints
 ratios against AdamW and against the reference run in the same process. Peak
 memory of each configuration is measured in a fresh subprocess so that runs don't
 pollute each other: on CPU the resident high-water mark reached during the run
-beyond the memory held after the imports, on CUDA ``torch.cuda.max_memory_allocated``.
+beyond the memory held after the imports (with large blocks returned to the system
+as soon as they are freed), on CUDA ``torch.cuda.max_memory_allocated``.
 
 Examples::
 
@@ -189,7 +190,11 @@ def run(configs: list[Config], steps: int, warmup: int) -> list[Result]:
 def measure_peak(config: Config, steps: int) -> int:
     """Peak memory of a short run of ``config`` in a fresh process (bytes)."""
     command = [sys.executable, __file__, "--peak-of", json.dumps(asdict(config)), "--steps", str(steps)]
-    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    # A fixed mmap threshold makes glibc return every freed block of 128 KiB or more
+    # at once, so the resident high-water mark tracks the memory the run holds
+    # rather than what the allocator caches (which varies from run to run).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    out = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr else "peak run failed")
     return int(out.stdout.strip().splitlines()[-1])

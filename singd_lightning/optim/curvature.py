@@ -109,8 +109,9 @@ class Rows:
 
     Args:
         build: ``build(start, stop, row_major)`` returns the ``(d, (stop − start)·
-            unit_columns)`` columns of units ``start … stop − 1``; with ``row_major``
-            laid out as the transpose of a contiguous matrix (each column contiguous).
+            unit_columns)`` columns of units ``start … stop − 1``; ``row_major`` asks
+            for the transpose of a contiguous matrix (each column contiguous), a
+            hint that a builder may ignore where the other layout is much cheaper.
         dim: Number of rows ``d``.
         units: Number of units.
         unit_columns: Columns per unit.
@@ -120,10 +121,12 @@ class Rows:
         copies: Whether ``build`` copies; a view is handed out whole, unchunked.
         cross: ``cross(index)`` returns ``X[index] Xᵀ``, ``(k, d)``, without building
             ``X``; None derives it from :meth:`reduce`.
+        gram: Returns ``X Xᵀ`` without building ``X``; None derives it from
+            :meth:`reduce`.
     """
 
-    #: Largest chunk :meth:`reduce` builds at once, in bytes (about 8 MiB).
-    chunk_bytes: int = 1 << 23
+    #: Largest chunk :meth:`reduce` builds at once by default, in bytes (2 MiB).
+    chunk_bytes: int = 1 << 21
 
     def __init__(
         self,
@@ -135,8 +138,10 @@ class Rows:
         square_sums: Callable[[], Tensor] | None = None,
         copies: bool = True,
         cross: Callable[[Tensor], Tensor] | None = None,
+        gram: Callable[[], Tensor] | None = None,
     ) -> None:
         self._cross = cross
+        self._gram = gram
         self._build = build
         self._copies = copies
         self._square_sums = square_sums
@@ -186,6 +191,16 @@ class Rows:
                 total.add_(part)
         return total.to(dtype)
 
+    def gram(self) -> Tensor:
+        """``X Xᵀ``, ``(d, d)``, times :attr:`scale` ². Chunks hold at least ``d``
+        columns (a chunk as large as the result), so that each product is
+        efficient."""
+        if self._matrix is None and self._gram is not None:
+            gram = self._gram()
+            return gram if self.scale == 1.0 else gram * self.scale**2
+        max_bytes = max(self.chunk_bytes, self.dim * self.dim * self.dtype.itemsize)
+        return self.reduce(lambda x: x @ x.mT, max_bytes)
+
     def cross(self, index: Tensor) -> Tensor:
         """``X[index] Xᵀ``, ``(k, d)`` for ``k`` row indices, times :attr:`scale` ²: the
         products of a few rows with all rows, as sparse structures need them."""
@@ -200,6 +215,20 @@ class Rows:
             return self.reduce(lambda x: x.square().sum(dim=-1))
         sums = self._square_sums()
         return sums if self.scale == 1.0 else sums * self.scale**2
+
+
+def _sum_over_chunks(x: Tensor, statistic: Callable[[Tensor], Tensor], max_elements: int = 1 << 18) -> Tensor:
+    """``Σ_i statistic(x_i)`` over consecutive slices ``x_i`` of ``x``'s first
+    dimension of about ``max_elements`` each: a reduction such as a sum of squares
+    then never makes a temporary the size of ``x`` (large fresh allocations cost
+    page faults on every call, small ones are reused)."""
+    step = max(1, max_elements // max(1, x[0].numel())) if x.ndim else 1
+    if x.ndim == 0 or step >= x.shape[0]:
+        return statistic(x)
+    total = statistic(x[:step])
+    for start in range(step, x.shape[0], step):
+        total.add_(statistic(x[start : start + step]))
+    return total
 
 
 def _pad_like_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
@@ -312,6 +341,38 @@ def _conv_cross(x: Tensor, patches: Tensor, conv: nn.Conv2d, has_bias: bool, ind
     return products
 
 
+def _linear_gram(flat: Tensor, has_bias: bool) -> Tensor:
+    """``X Xᵀ`` for ``X = [flatᵀ; 1ᵀ]`` (without the ones row if no bias), straight
+    from the ``(n, d)`` input: no copy with the ones row appended."""
+    gram = flat.T @ flat
+    if not has_bias:
+        return gram
+    sums = _sum_over_chunks(flat, lambda b: b.sum(dim=0))
+    corner = sums.new_full((1,), flat.shape[0])
+    return torch.cat([torch.cat([gram, sums.unsqueeze(1)], dim=1), torch.cat([sums, corner]).unsqueeze(0)])
+
+
+def _linear_cross(flat: Tensor, has_bias: bool, index: Tensor) -> Tensor:
+    """``X[index] Xᵀ`` for ``X = [flatᵀ; 1ᵀ]`` (see :func:`_linear_gram`), ``(k, d)``."""
+    d = flat.shape[1]
+    index = index.to(flat.device)
+    selected = flat.index_select(1, index.clamp(max=d - 1))  # (n, k)
+    if has_bias:
+        selected[:, index >= d] = 1.0  # the ones row
+    products = selected.T @ flat
+    if has_bias:
+        products = torch.cat([products, selected.sum(dim=0).unsqueeze(1)], dim=1)
+    return products
+
+
+def _conv_output_cross(g: Tensor, index: Tensor) -> Tensor:
+    """``X[index] Xᵀ`` for the output gradient ``g`` of shape ``(N, C, O1, O2)``
+    (``X``: one column per sample and location), ``(k, C)``: per-sample products
+    summed over the batch, without the ``(C, N·O1·O2)`` copy of ``g``."""
+    flat = g.flatten(2)  # (N, C, L)
+    return _sum_over_chunks(flat, lambda b: (b[:, index.to(g.device)] @ b.mT).sum(dim=0))
+
+
 def input_rows(layer: KroneckerLayer, x: Tensor, approx: str) -> Rows:
     """``Aᵀ`` (un-normalised) as :class:`Rows`: ``(d_K, n)``; the last row is ones
     when the layer has a bias. Each chunk is built in a single copy."""
@@ -329,7 +390,7 @@ def input_rows(layer: KroneckerLayer, x: Tensor, approx: str) -> Rows:
             def square_sums() -> Tensor:
                 # Squares of the padded input summed over the batch, then over the
                 # same strided windows.
-                squares = x.square().sum(dim=0, keepdim=True)
+                squares = _sum_over_chunks(x, lambda b: b.square().sum(dim=0, keepdim=True))
                 sums = conv2d_patch_view(squares, module).sum(dim=(3, 4, 5)).flatten()
                 return torch.cat([sums, sums.new_full((1,), n)]) if has_bias else sums
 
@@ -351,14 +412,16 @@ def input_rows(layer: KroneckerLayer, x: Tensor, approx: str) -> Rows:
     n = flat.shape[0]
 
     def square_sums() -> Tensor:
-        sums = flat.square().sum(dim=0)
+        sums = _sum_over_chunks(flat, lambda b: b.square().sum(dim=0))
         return torch.cat([sums, sums.new_full((1,), n)]) if has_bias else sums
 
+    products = dict(cross=partial(_linear_cross, flat, has_bias), gram=partial(_linear_gram, flat, has_bias))
     if not has_bias:
-        return Rows(lambda start, stop, _: flat[start:stop].T, d_k, n, 1, x.dtype, square_sums, copies=False)
+        return Rows(lambda start, stop, _: flat[start:stop].T, d_k, n, 1, x.dtype, square_sums, copies=False, **products)
+    # Rows of the input are contiguous: the row-major copy is the fast one.
     return Rows(
-        lambda start, stop, row_major: _layout_rows(flat[start:stop].T, 1, True, row_major),
-        d_k, n, 1, x.dtype, square_sums,
+        lambda start, stop, _: _layout_rows(flat[start:stop].T, 1, True, row_major=True),
+        d_k, n, 1, x.dtype, square_sums, **products,
     )
 
 
@@ -379,7 +442,10 @@ def output_gradient_rows(
                     return g[start:stop].permute(0, 2, 3, 1).reshape(-1, d_o).mT
                 return g[start:stop].transpose(0, 1).reshape(d_o, -1)
 
-            rows = Rows(build, d_o, batch, shared, g.dtype, lambda: g.square().sum(dim=(0, 2, 3)))
+            rows = Rows(
+                build, d_o, batch, shared, g.dtype, lambda: _sum_over_chunks(g, lambda b: b.square().sum(dim=(0, 2, 3))),
+                cross=partial(_conv_output_cross, g),
+            )
         else:
             summed = g.sum(dim=(2, 3))
             rows = Rows(lambda start, stop, _: summed[start:stop].T, d_o, batch, 1, g.dtype, copies=False)
@@ -390,7 +456,8 @@ def output_gradient_rows(
         flat = g.reshape(-1, d_o) if approx == "expand" or g.ndim == 2 else g.reshape(batch, -1, d_o).sum(dim=1)
         rows = Rows(
             lambda start, stop, _: flat[start:stop].T, d_o, flat.shape[0], 1, g.dtype,
-            lambda: flat.square().sum(dim=0), copies=False,
+            lambda: _sum_over_chunks(flat, lambda b: b.square().sum(dim=0)), copies=False,
+            cross=partial(_linear_cross, flat, False), gram=partial(_linear_gram, flat, False),
         )
     if loss_average is None:
         num_terms = 1

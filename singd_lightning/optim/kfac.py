@@ -83,8 +83,7 @@ class KFAC(KroneckerOptimizer):
         return layer.dim_in**2, layer.dim_out**2
 
     def _statistics(self, layer: KroneckerLayer, x_in: Rows, x_out: Rows) -> tuple[Tensor, Tensor]:
-        a, g = x_in.matrix(), x_out.matrix()
-        return (a @ a.mT).flatten(), (g @ g.mT).flatten()
+        return x_in.gram().flatten(), x_out.gram().flatten()
 
     def _update_preconditioner(self, layer: KroneckerLayer, a: Tensor, g: Tensor) -> dict[str, Tensor]:
         state = self.layer_state[layer.name]

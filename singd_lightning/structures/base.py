@@ -132,12 +132,13 @@ class Structure(ABC):
         return self.project_outer(self.matmul(data, x, transpose=True))
 
     def project_gram_rows(self, data: Tensor, rows) -> Tensor:
-        """Π(Sᵀ X Xᵀ S) for a lazily built ``X`` of shape ``(dim, n)``: an object with
-        ``n``, ``reduce(statistic)`` (the sum of ``statistic`` over blocks of ``X``'s
-        columns, built one at a time), ``matrix()`` (all of ``X``) and
-        ``square_sums()`` (its ``(dim,)`` row sums of squares), such as
-        :class:`~singd_lightning.optim.curvature.Rows`. Structures that need less
-        than ``X`` itself read less."""
+        """Π(Sᵀ X Xᵀ S) for a lazily built ``X`` of shape ``(dim, n)``, such as
+        :class:`~singd_lightning.optim.curvature.Rows`: an object with ``n``,
+        ``dtype``, ``reduce(statistic, max_bytes=None, row_major=False)`` (the sum of
+        ``statistic`` over blocks of ``X``'s columns, built one at a time),
+        ``gram()`` (``X Xᵀ``), ``cross(index)`` (``X[index] Xᵀ``), ``square_sums()``
+        (the row sums of squares) and ``matrix()`` (all of ``X``). Structures that
+        need less than ``X`` itself read less."""
         return rows.reduce(lambda x: self.project_gram(data, x))
 
     def average_trace(self, data: Tensor) -> Tensor:

@@ -50,7 +50,7 @@ class Dense(Structure):
     def project_gram_rows(self, data: Tensor, rows) -> Tensor:
         if rows.n > 2 * self.dim:  # Gram first, accumulated over column blocks
             mat = self._mat(data)
-            gram = rows.reduce(lambda x: x @ x.mT)
+            gram = rows.gram()
             return (mat.mT @ gram @ mat).flatten(-2)
         return super().project_gram_rows(data, rows)
 

@@ -162,7 +162,7 @@ class _TriangularToeplitz(Structure):
         dtype = compute_dtype(out_dtype)
         t = data.to(dtype)
         if self._gram_first(rows.n):
-            gram = rows.reduce(lambda x: x.to(dtype) @ x.to(dtype).mT)
+            gram = rows.gram().to(dtype)
             return self._project_sandwich(t, gram).to(out_dtype)
         return rows.reduce(lambda x: self._project_outer_fft(x.to(dtype), t), row_major=True).to(out_dtype)
 

@@ -123,6 +123,7 @@ def test_rows_chunks_reduce_and_cross_equal_the_matrix(module, shape, approx):
         rows = make_rows()
         rows.chunk_bytes = 1
         torch.testing.assert_close(rows.reduce(lambda m: m @ m.T), full @ full.T)
+        torch.testing.assert_close(rows.gram(), full @ full.T)
         index = torch.tensor([0, full.shape[0] - 1, full.shape[0] // 2])
         torch.testing.assert_close(make_rows().cross(index), full[index] @ full.T)
         torch.testing.assert_close(make_rows().square_sums(), full.square().sum(dim=1))
