@@ -156,6 +156,12 @@ class Rows:
     def _scaled(self, x: Tensor) -> Tensor:
         return x if self.scale == 1.0 else x * self.scale
 
+    def _direct(self, product: Callable | None) -> bool:
+        """Whether to use a product computed straight from the source tensors: not
+        once the matrix is built, and not with a scale (float16), which must apply
+        before any product so that sums of squares stay in range."""
+        return product is not None and self._matrix is None and self.scale == 1.0
+
     def matrix(self) -> Tensor:
         """``X``, ``(d, n)``, times :attr:`scale` (built in full, and kept)."""
         if self._matrix is None:
@@ -195,26 +201,23 @@ class Rows:
         """``X Xᵀ``, ``(d, d)``, times :attr:`scale` ². Chunks hold at least ``d``
         columns (a chunk as large as the result), so that each product is
         efficient."""
-        if self._matrix is None and self._gram is not None:
-            gram = self._gram()
-            return gram if self.scale == 1.0 else gram * self.scale**2
+        if self._direct(self._gram):
+            return self._gram()
         max_bytes = max(self.chunk_bytes, self.dim * self.dim * self.dtype.itemsize)
         return self.reduce(lambda x: x @ x.mT, max_bytes)
 
     def cross(self, index: Tensor) -> Tensor:
         """``X[index] Xᵀ``, ``(k, d)`` for ``k`` row indices, times :attr:`scale` ²: the
         products of a few rows with all rows, as sparse structures need them."""
-        if self._matrix is not None or self._cross is None:
-            return self.reduce(lambda x: x[..., index, :] @ x.mT)
-        products = self._cross(index)
-        return products if self.scale == 1.0 else products * self.scale**2
+        if self._direct(self._cross):
+            return self._cross(index)
+        return self.reduce(lambda x: x[..., index, :] @ x.mT)
 
     def square_sums(self) -> Tensor:
         """``Σ_columns X²``, ``(d,)``, times :attr:`scale` ²."""
-        if self._matrix is not None or self._square_sums is None:
-            return self.reduce(lambda x: x.square().sum(dim=-1))
-        sums = self._square_sums()
-        return sums if self.scale == 1.0 else sums * self.scale**2
+        if self._direct(self._square_sums):
+            return self._square_sums()
+        return self.reduce(lambda x: x.square().sum(dim=-1))
 
 
 def _sum_over_chunks(x: Tensor, statistic: Callable[[Tensor], Tensor], max_elements: int = 1 << 18) -> Tensor:
@@ -365,12 +368,33 @@ def _linear_cross(flat: Tensor, has_bias: bool, index: Tensor) -> Tensor:
     return products
 
 
-def _conv_output_cross(g: Tensor, index: Tensor) -> Tensor:
-    """``X[index] Xᵀ`` for the output gradient ``g`` of shape ``(N, C, O1, O2)``
-    (``X``: one column per sample and location), ``(k, C)``: per-sample products
-    summed over the batch, without the ``(C, N·O1·O2)`` copy of ``g``."""
-    flat = g.flatten(2)  # (N, C, L)
-    return _sum_over_chunks(flat, lambda b: (b[:, index.to(g.device)] @ b.mT).sum(dim=0))
+def _sample_cross(t: Tensor, has_bias: bool, index: Tensor) -> Tensor:
+    """``X[index] Xᵀ``, ``(k, C [+1])``, for ``X`` with one column per sample and
+    location of ``t`` (``(N, C, L)``; plus a last row of ones with ``has_bias``):
+    per-sample products summed over the batch, without the ``(C, N·L)`` copy."""
+    channels = t.shape[1]
+    index = index.to(t.device)
+    is_ones = index >= channels
+
+    def products(chunk: Tensor) -> Tensor:
+        selected = chunk[:, index.clamp(max=channels - 1)]  # (n, k, L)
+        selected[:, is_ones] = 1.0
+        out = (selected @ chunk.mT).sum(dim=0)
+        if has_bias:
+            out = torch.cat([out, selected.sum(dim=(0, 2)).unsqueeze(1)], dim=1)
+        return out
+
+    return _sum_over_chunks(t, products)
+
+
+def _conv_cross_function(x: Tensor, patches: Tensor, conv: nn.Conv2d, has_bias: bool) -> Callable | None:
+    """The fastest way to ``X[index] Xᵀ`` for a convolution's im2col ``X``, if any
+    beats building ``X``: a pointwise convolution's ``X`` is the input itself."""
+    if patches.shape[1:3] == (1, 1) and patches.shape[4:] == x.shape[2:]:  # 1×1, stride 1
+        return partial(_sample_cross, x.flatten(2), has_bias)
+    if patches.shape[0] >= 32:  # few channels make the shifted products narrow
+        return partial(_conv_cross, x, patches, conv, has_bias)
+    return None
 
 
 def input_rows(layer: KroneckerLayer, x: Tensor, approx: str) -> Rows:
@@ -398,7 +422,7 @@ def input_rows(layer: KroneckerLayer, x: Tensor, approx: str) -> Rows:
                 lambda start, stop, row_major: _layout_rows(patches[:, :, :, start:stop], 3, has_bias, row_major),
                 d_k, batch, locations, x.dtype, square_sums,
                 # Few channels make the shifted products narrow (and im2col small).
-                cross=partial(_conv_cross, x, patches, module, has_bias) if patches.shape[0] >= 32 else None,
+                cross=_conv_cross_function(x, patches, module, has_bias),
             )
         mean = patches.mean(dim=(4, 5)).flatten(0, 2)  # (d, N): no im2col copy
         return Rows(
@@ -444,7 +468,7 @@ def output_gradient_rows(
 
             rows = Rows(
                 build, d_o, batch, shared, g.dtype, lambda: _sum_over_chunks(g, lambda b: b.square().sum(dim=(0, 2, 3))),
-                cross=partial(_conv_output_cross, g),
+                cross=partial(_sample_cross, g.flatten(2), False),
             )
         else:
             summed = g.sum(dim=(2, 3))

@@ -134,12 +134,15 @@ class Structure(ABC):
     def project_gram_rows(self, data: Tensor, rows) -> Tensor:
         """Π(Sᵀ X Xᵀ S) for a lazily built ``X`` of shape ``(dim, n)``, such as
         :class:`~singd_lightning.optim.curvature.Rows`: an object with ``n``,
-        ``dtype``, ``reduce(statistic, max_bytes=None, row_major=False)`` (the sum of
-        ``statistic`` over blocks of ``X``'s columns, built one at a time),
+        ``dtype``, ``chunk_bytes``, ``reduce(statistic, max_bytes, row_major)``
+        (the sum of ``statistic`` over blocks of ``X``'s columns, built one at a time),
         ``gram()`` (``X Xᵀ``), ``cross(index)`` (``X[index] Xᵀ``), ``square_sums()``
         (the row sums of squares) and ``matrix()`` (all of ``X``). Structures that
         need less than ``X`` itself read less."""
-        return rows.reduce(lambda x: self.project_gram(data, x))
+        # Chunks at least as large as the result, so that writing each chunk's
+        # statistic costs no more than reading the chunk.
+        max_bytes = max(rows.chunk_bytes, self.numel * rows.dtype.itemsize)
+        return rows.reduce(lambda x: self.project_gram(data, x), max_bytes)
 
     def average_trace(self, data: Tensor) -> Tensor:
         """``trace(S) / dim``, shape ``(*batch,)``."""

@@ -99,6 +99,11 @@ class BlockDiagonal(Structure):
             [out_head.expand(*batch, -1, -1), out_last.expand(*batch, -1, -1)], dim=-2
         )
 
+    def matmul_outer(self, data: Tensor, x: Tensor) -> Tensor:
+        # S Sᵀ is block-diagonal too: form its blocks (b³ each), then one pass over x.
+        blocks, last = self._blocks(data)
+        return self.matmul(self._pack(blocks @ blocks.mT, last @ last.mT), x)
+
     def compose(self, a: Tensor, b: Tensor) -> Tensor:
         blocks_a, last_a = self._blocks(a)
         blocks_b, last_b = self._blocks(b)

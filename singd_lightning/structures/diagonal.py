@@ -25,6 +25,9 @@ class Diagonal(Structure):
     def matmul(self, data: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
         return data.unsqueeze(-1) * x
 
+    def matmul_outer(self, data: Tensor, x: Tensor) -> Tensor:
+        return data.square().unsqueeze(-1) * x
+
     def compose(self, a: Tensor, b: Tensor) -> Tensor:
         return a * b
 

@@ -117,6 +117,30 @@ class Hierarchical(Structure):
         batch = torch.broadcast_shapes(*(t.shape[:-2] for t in blocks))
         return torch.cat([t.expand(*batch, -1, -1) for t in blocks], dim=-2)
 
+    def matmul_outer(self, data: Tensor, x: Tensor) -> Tensor:
+        """``S Sᵀ x`` in one pass over the middle rows of ``x``: ``S Sᵀ`` is an
+        arrow matrix, dense in its border rows and columns with the diagonal ``D²``
+        in the middle::
+
+            [[A Aᵀ + B Bᵀ + C Cᵀ, B D, B Eᵀ + C Fᵀ],
+             [D Bᵀ,               D²,  D Eᵀ       ],
+             [E Bᵀ + F Cᵀ,        E D, E Eᵀ + F Fᵀ]]
+        """
+        A, B, C, D, E, F = self._parts(data)
+        x1, x2, x3 = self._rows(x)
+        border = torch.cat([x1, x3], dim=-2)  # (k, n)
+        bd, ed = B * D.unsqueeze(-2), E * D.unsqueeze(-2)  # (n1, m), (n2, m)
+        corner = torch.cat([
+            torch.cat([A @ A.mT + B @ B.mT + C @ C.mT, B @ E.mT + C @ F.mT], dim=-1),
+            torch.cat([E @ B.mT + F @ C.mT, E @ E.mT + F @ F.mT], dim=-1),
+        ], dim=-2)  # the border block, (k, k)
+        mid = torch.addcmul(torch.cat([bd, ed], dim=-2).mT @ border, D.square().unsqueeze(-1), x2)
+        ends = corner @ border + torch.cat([bd, ed], dim=-2) @ x2  # (k, n)
+        top, bottom = ends.split([self.n1, self.n2], dim=-2)
+        blocks = (top, mid, bottom)
+        batch = torch.broadcast_shapes(*(t.shape[:-2] for t in blocks))
+        return torch.cat([t.expand(*batch, -1, -1) for t in blocks], dim=-2)
+
     def compose(self, a: Tensor, b: Tensor) -> Tensor:
         A, B, C, D, E, F = self._parts(a)
         A2, B2, C2, D2, E2, F2 = self._parts(b)

@@ -96,6 +96,7 @@ ROW_SOURCES = [
     pytest.param(nn.Conv2d(32, 5, 3, padding=1), (3, 32, 5, 4), id="conv-wide"),  # shifted products
     pytest.param(nn.Conv2d(32, 4, (2, 3), stride=(2, 1), dilation=(1, 2), bias=False), (2, 32, 7, 8), id="conv-strided"),
     pytest.param(nn.Conv2d(6, 4, 3, padding=1, groups=2, padding_mode="reflect"), (3, 6, 5, 5), id="conv-narrow"),
+    pytest.param(nn.Conv2d(6, 4, 1), (3, 6, 5, 4), id="conv-pointwise"),
     pytest.param(nn.Linear(7, 5), (3, 4, 7), id="linear-bias"),
     pytest.param(nn.Linear(7, 5, bias=False), (3, 4, 7), id="linear"),
 ]
@@ -127,3 +128,32 @@ def test_rows_chunks_reduce_and_cross_equal_the_matrix(module, shape, approx):
         index = torch.tensor([0, full.shape[0] - 1, full.shape[0] // 2])
         torch.testing.assert_close(make_rows().cross(index), full[index] @ full.T)
         torch.testing.assert_close(make_rows().square_sums(), full.square().sum(dim=1))
+
+
+@pytest.mark.parametrize("module,shape", ROW_SOURCES)
+def test_scaled_float16_rows_stay_in_range(module, shape):
+    """In float16 the rows are scaled before any product (the collector's 1/√n),
+    so sums of squares far beyond float16's range come out finite and right."""
+    from singd_lightning.optim.curvature import input_rows
+
+    torch.manual_seed(0)
+    layer = KroneckerLayer("layer", module, group={}, has_bias=module.bias is not None)
+    x = 100 * torch.randn(*shape)  # squares summed over the rows overflow float16
+    reference = input_rows(layer, x.double(), "expand").matrix()
+    scale = reference.shape[1] ** -0.5
+    reference = reference * scale
+    index = torch.tensor([0, reference.shape[0] - 1])
+
+    def rows():
+        half = input_rows(layer, x.half(), "expand")
+        half.scale = scale
+        return half
+
+    assert reference.square().sum(dim=1).max() / scale**2 > torch.finfo(torch.float16).max
+    for actual, expected in [
+        (rows().square_sums(), reference.square().sum(dim=1)),
+        (rows().gram(), reference @ reference.T),
+        (rows().cross(index), reference[index] @ reference.T),
+    ]:
+        assert torch.isfinite(actual).all()
+        torch.testing.assert_close(actual.double(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
