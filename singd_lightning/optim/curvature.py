@@ -195,6 +195,8 @@ class Rows:
                 total = part.to(torch.promote_types(dtype, torch.float32), copy=True)
             else:
                 total.add_(part)
+        if total is None:  # no columns at all
+            return statistic(self.matrix())
         return total.to(dtype)
 
     def gram(self) -> Tensor:
@@ -225,8 +227,10 @@ def _sum_over_chunks(x: Tensor, statistic: Callable[[Tensor], Tensor], max_eleme
     dimension of about ``max_elements`` each: a reduction such as a sum of squares
     then never makes a temporary the size of ``x`` (large fresh allocations cost
     page faults on every call, small ones are reused)."""
-    step = max(1, max_elements // max(1, x[0].numel())) if x.ndim else 1
-    if x.ndim == 0 or step >= x.shape[0]:
+    if x.ndim == 0:
+        return statistic(x)
+    step = max(1, max_elements // max(1, x.shape[1:].numel()))
+    if step >= x.shape[0]:
         return statistic(x)
     total = statistic(x[:step])
     for start in range(step, x.shape[0], step):

@@ -189,7 +189,7 @@ class _TriangularToeplitz(Structure):
         d, n_fft = self.dim, _fft_len(self.dim)
         batch = x.shape[:-2] if t is None else torch.broadcast_shapes(t.shape[:-1], x.shape[:-2])
         n = x.shape[-1]
-        x = x.expand(*batch, d, n).reshape(-1, d, n)
+        x = x.expand(*batch, d, n).reshape(math.prod(batch), d, n)
         spec_t = None
         if t is not None:
             spec_t = rfft(t.expand(*batch, d).reshape(-1, d), n=n_fft).unsqueeze(-2)

@@ -157,3 +157,17 @@ def test_scaled_float16_rows_stay_in_range(module, shape):
     ]:
         assert torch.isfinite(actual).all()
         torch.testing.assert_close(actual.double(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+def test_empty_batch_gives_zero_statistics():
+    """A pass with no samples contributes zero to every structure's statistic."""
+    from singd_lightning.optim.curvature import input_rows
+    from singd_lightning.structures import STRUCTURES
+
+    module = nn.Conv2d(4, 3, 3, padding=1)
+    layer = KroneckerLayer("layer", module, group={}, has_bias=True)
+    x = torch.randn(0, 4, 5, 5)
+    for name, structure in STRUCTURES.items():
+        layout = structure(layer.dim_in)
+        stat = layout.project_gram_rows(layout.identity(), input_rows(layer, x, "expand"))
+        assert stat.shape == (layout.numel,) and not stat.any(), name
