@@ -395,7 +395,7 @@ def _conv_cross_function(x: Tensor, patches: Tensor, conv: nn.Conv2d, has_bias: 
     """The fastest way to ``X[index] Xᵀ`` for a convolution's im2col ``X``, if any
     beats building ``X``: a pointwise convolution's ``X`` is the input itself."""
     if patches.shape[1:3] == (1, 1) and patches.shape[4:] == x.shape[2:]:  # 1×1, stride 1
-        return partial(_sample_cross, x.flatten(2), has_bias)
+        return lambda index: _sample_cross(x.flatten(2), has_bias, index)
     if patches.shape[0] >= 32:  # few channels make the shifted products narrow
         return partial(_conv_cross, x, patches, conv, has_bias)
     return None
@@ -472,7 +472,7 @@ def output_gradient_rows(
 
             rows = Rows(
                 build, d_o, batch, shared, g.dtype, lambda: _sum_over_chunks(g, lambda b: b.square().sum(dim=(0, 2, 3))),
-                cross=partial(_sample_cross, g.flatten(2), False),
+                cross=lambda index: _sample_cross(g.flatten(2), False, index),
             )
         else:
             summed = g.sum(dim=(2, 3))
