@@ -64,12 +64,15 @@ def non_finite(tensors: list[Tensor]) -> bool:
     by_device: dict[tuple, list[Tensor]] = {}
     for t in tensors:
         by_device.setdefault((t.device, t.dtype), []).append(t)
-    # The inf-norm (max |x|) of finite values is finite; inf and NaN propagate.
-    maxima = [
-        torch.stack(torch._foreach_norm(ts, float("inf"))).float().max().to("cpu", non_blocking=False)
+    # The smallest and largest entries of finite values are finite; NaN propagates
+    # to both, and ±inf shows in one. (One reduction pass per tensor, several
+    # times faster on CPU than an inf-norm.)
+    extrema = [
+        torch.stack([e for t in ts if t.numel() for e in torch.aminmax(t)]).float().to("cpu", non_blocking=False)
         for ts in by_device.values()
+        if any(t.numel() for t in ts)
     ]
-    return not bool(torch.isfinite(torch.stack(maxima)).all())
+    return bool(extrema) and not bool(torch.isfinite(torch.cat(extrema)).all())
 
 
 class KroneckerOptimizer(Optimizer):

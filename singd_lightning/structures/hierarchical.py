@@ -127,19 +127,38 @@ class Hierarchical(Structure):
              [E Bᵀ + F Cᵀ,        E D, E Eᵀ + F Fᵀ]]
         """
         A, B, C, D, E, F = self._parts(data)
-        x1, x2, x3 = self._rows(x)
-        border = torch.cat([x1, x3], dim=-2)  # (k, n)
-        bd, ed = B * D.unsqueeze(-2), E * D.unsqueeze(-2)  # (n1, m), (n2, m)
+        n1, m = self.n1, self.m
+        scaled = torch.cat([B * D.unsqueeze(-2), E * D.unsqueeze(-2)], dim=-2)  # [B D; E D], (k, m)
         corner = torch.cat([
             torch.cat([A @ A.mT + B @ B.mT + C @ C.mT, B @ E.mT + C @ F.mT], dim=-1),
             torch.cat([E @ B.mT + F @ C.mT, E @ E.mT + F @ F.mT], dim=-1),
-        ], dim=-2)  # the border block, (k, k)
-        mid = torch.addcmul(torch.cat([bd, ed], dim=-2).mT @ border, D.square().unsqueeze(-1), x2)
-        ends = corner @ border + torch.cat([bd, ed], dim=-2) @ x2  # (k, n)
-        top, bottom = ends.split([self.n1, self.n2], dim=-2)
-        blocks = (top, mid, bottom)
-        batch = torch.broadcast_shapes(*(t.shape[:-2] for t in blocks))
-        return torch.cat([t.expand(*batch, -1, -1) for t in blocks], dim=-2)
+        ], dim=-2)  # the border block, (k, k), symmetric
+        batch = torch.broadcast_shapes(data.shape[:-1], x.shape[:-2])
+        # Each block is written once into the result, in x's memory layout: the
+        # middle rows are read elementwise, and a transposed x (a gradient's
+        # transpose) would otherwise be read with large strides.
+        if x.mT.is_contiguous() and not x.is_contiguous():
+            xt = x.mT  # (*batch, n, d), contiguous: the same products, transposed
+            xt1, xt2, xt3 = xt.split([n1, m, self.n2], dim=-1)
+            border = torch.cat([xt1, xt3], dim=-1)  # (n, k)
+            out = x.new_empty(*batch, x.shape[-1], self.dim)
+            mid = out[..., n1 : n1 + m]
+            torch.matmul(border, scaled, out=mid)
+            mid.addcmul_(D.square().unsqueeze(-2), xt2)
+            ends = torch.matmul(border, corner).add_(xt2 @ scaled.mT)
+            out[..., :n1] = ends[..., :n1]
+            out[..., n1 + m :] = ends[..., n1:]
+            return out.mT
+        x1, x2, x3 = self._rows(x)
+        border = torch.cat([x1, x3], dim=-2)  # (k, n)
+        out = x.new_empty(*batch, self.dim, x.shape[-1])
+        mid = out[..., n1 : n1 + m, :]
+        torch.matmul(scaled.mT, border, out=mid)
+        mid.addcmul_(D.square().unsqueeze(-1), x2)
+        ends = torch.matmul(corner, border).add_(scaled @ x2)
+        out[..., :n1, :] = ends[..., :n1, :]
+        out[..., n1 + m :, :] = ends[..., n1:, :]
+        return out
 
     def compose(self, a: Tensor, b: Tensor) -> Tensor:
         A, B, C, D, E, F = self._parts(a)

@@ -114,17 +114,15 @@ class _TriangularToeplitz(Structure):
         if d**2 <= _fft_cost(d, 1, passes=2):
             return dense_matmul_outer(self.to_dense(data), x).to(out_dtype)
         # Row by row (the columns of x): Sᵀ then S in the frequency domain, with
-        # one buffer whose tail is zeroed between the two (the truncation of Sᵀ x).
+        # the tail of Sᵀ x zeroed between the two (its truncation to d entries).
         spec_t = rfft(data, n=n_fft).unsqueeze(-2)
         first, second = (spec_t.conj(), spec_t) if self.lower else (spec_t, spec_t.conj())
         buffer = x.new_zeros(*x.shape[:-2], x.shape[-1], n_fft)
         buffer[..., :d].copy_(x.mT)
-        spectrum = rfft(buffer, dim=-1).mul_(first)
-        torch.fft.irfft(spectrum, n=n_fft, dim=-1, out=buffer)
-        buffer[..., d:].zero_()
-        spectrum = rfft(buffer, dim=-1).mul_(second)
-        torch.fft.irfft(spectrum, n=n_fft, dim=-1, out=buffer)
-        return buffer[..., :d].mT.to(out_dtype)
+        middle = irfft(rfft(buffer, dim=-1).mul_(first), n=n_fft, dim=-1)
+        middle[..., d:].zero_()
+        out = irfft(rfft(middle, dim=-1).mul_(second), n=n_fft, dim=-1)
+        return out[..., :d].mT.to(out_dtype)
 
     def compose(self, a: Tensor, b: Tensor) -> Tensor:
         # L_a L_b is lower Toeplitz with the truncated convolution a * b; U_a U_b =
@@ -184,8 +182,7 @@ class _TriangularToeplitz(Structure):
         ``(*batch, d, n)``, by FFTs: per column, ``Sᵀ x`` as a correlation truncated
         to ``d`` entries, then its power spectrum, summed over columns. (The sum of
         the ``k``-th lower diagonal of ``y yᵀ`` is the columns' autocorrelation at lag
-        ``k``.) Runs over blocks of columns through small reused buffers: no spectrum
-        of all columns at once."""
+        ``k``.) Runs over blocks of columns: no spectrum of all columns at once."""
         d, n_fft = self.dim, _fft_len(self.dim)
         batch = x.shape[:-2] if t is None else torch.broadcast_shapes(t.shape[:-1], x.shape[:-2])
         n = x.shape[-1]
@@ -196,24 +193,24 @@ class _TriangularToeplitz(Structure):
             if self.lower:  # Lᵀ @ x (and U @ x = Lᵀ @ x): correlation, the conjugate
                 spec_t = spec_t.conj()
         block = max(1, min(n, _BLOCK_ELEMENTS // n_fft))
-        power = x.new_zeros(x.shape[0], 2 * (n_fft // 2 + 1))
-        buffer = spectrum = None
+        power, buffer = None, None
         for start in range(0, n, block):
             m = min(block, n - start)
             if buffer is None or buffer.shape[1] != m:
                 buffer = x.new_zeros(x.shape[0], m, n_fft)  # the tail stays zero
-                spectrum = torch.empty(
-                    x.shape[0], m, n_fft // 2 + 1, dtype=torch.promote_types(x.dtype, torch.complex64),
-                    device=x.device,
-                )
+            # Inputs are copied into the zero-tailed buffer (padding by ``n=`` would
+            # copy and fill on every call); outputs are fresh, block-sized tensors,
+            # which the allocator reuses (``out=`` transforms copy once more).
             buffer[..., :d].copy_(x[..., start : start + m].mT)
-            torch.fft.rfft(buffer, dim=-1, out=spectrum)
+            spectrum = rfft(buffer, dim=-1)
             if spec_t is not None:
-                spectrum.mul_(spec_t)
-                torch.fft.irfft(spectrum, n=n_fft, dim=-1, out=buffer)
-                buffer[..., d:].zero_()  # truncate Sᵀ x to its d entries
-                torch.fft.rfft(buffer, dim=-1, out=spectrum)
-            power.add_(torch.view_as_real(spectrum).flatten(-2).square().sum(dim=-2))
+                corr = irfft(spectrum.mul_(spec_t), n=n_fft, dim=-1)
+                corr[..., d:].zero_()  # truncate Sᵀ x to its d entries
+                spectrum = rfft(corr, dim=-1)
+            part = torch.view_as_real(spectrum).flatten(-2).square_().sum(dim=-2)
+            power = part if power is None else power.add_(part)
+        if power is None:  # no columns
+            return x.new_zeros(*batch, d)
         power = power.unflatten(-1, (-1, 2)).sum(dim=-1)
         return self._normalize(irfft(power, n=n_fft)[..., :d]).reshape(*batch, d)
 

@@ -122,6 +122,23 @@ def test_inf_gradient_step_changes_nothing():
     assert optimizer.skipped_steps == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_finds_one_bad_entry_anywhere(dtype, value):
+    from singd_lightning.optim.base import non_finite
+
+    for size in (1, 33, 4099):
+        for position in (0, size // 2, size - 1):
+            bad = torch.randn(size).to(dtype)
+            bad[position] = value
+            assert non_finite([torch.randn(5).to(dtype), torch.empty(0, dtype=dtype), bad])
+    # The largest finite values are finite; empty lists and tensors are not bad.
+    largest = torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max], dtype=dtype)
+    assert not non_finite([largest, torch.empty(0, dtype=dtype)])
+    assert not non_finite([torch.empty(0, dtype=dtype)])
+    assert not non_finite([])
+
+
 def test_grad_scaler_unscales_statistics_exactly():
     """With a (CPU) GradScaler, factors equal those of an unscaled run."""
     torch.manual_seed(0)

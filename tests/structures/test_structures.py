@@ -222,6 +222,9 @@ def test_matmul_outer(name, opts, dim):
     for columns in (3, 2 * dim + 1):  # both orders of the dense products
         x = torch.randn(dim, columns, dtype=F64)
         close(layout.matmul_outer(data, x), mat @ mat.T @ x)
+        # A transposed view (as the optimizer passes a gradient's transpose).
+        x_t = torch.randn(columns, dim, dtype=F64).T
+        close(layout.matmul_outer(data, x_t), mat @ mat.T @ x_t)
 
 
 def column_rows(x: torch.Tensor, chunk_columns: int) -> Rows:
@@ -296,6 +299,7 @@ def test_batch_dims(name, opts, dim):
         "matmul": layout.matmul(a, x),
         "matmul_t": layout.matmul(a, x, transpose=True),
         "matmul_outer": layout.matmul_outer(a, x),
+        "matmul_outer_t": layout.matmul_outer(a, x.mT.contiguous().mT),
         "compose": layout.compose(a, b),
         "project_outer": layout.project_outer(x),
         "project_gram": layout.project_gram(a, x),
@@ -313,6 +317,7 @@ def test_batch_dims(name, opts, dim):
                 "matmul": layout.matmul(ai, xi),
                 "matmul_t": layout.matmul(ai, xi, transpose=True),
                 "matmul_outer": layout.matmul_outer(ai, xi),
+                "matmul_outer_t": layout.matmul_outer(ai, xi),
                 "compose": layout.compose(ai, bi),
                 "project_outer": layout.project_outer(xi),
                 "project_gram": layout.project_gram(ai, xi),
