@@ -24,8 +24,9 @@ from singd_lightning.structures.base import Structure
 # matrix product, per N·log2(N): measured on CPU with float32 (MKL). The FFT routes
 # are memory-bound, matrix products are not, hence the large constant.
 FFT_COST = 23.0
-# Rows per block of the FFT pipeline: ~1M floats, so that its buffers stay in cache.
-_BLOCK_ELEMENTS = 1 << 20
+# Elements per block of the FFT pipelines (2 MiB of float32), so that their
+# buffers stay in cache: the transforms are memory-bound on large blocks.
+_BLOCK_ELEMENTS = 1 << 19
 
 
 def _fft_cost(dim: int, rows: int, passes: int) -> float:
@@ -114,15 +115,25 @@ class _TriangularToeplitz(Structure):
         if d**2 <= _fft_cost(d, 1, passes=2):
             return dense_matmul_outer(self.to_dense(data), x).to(out_dtype)
         # Row by row (the columns of x): Sᵀ then S in the frequency domain, with
-        # the tail of Sᵀ x zeroed between the two (its truncation to d entries).
-        spec_t = rfft(data, n=n_fft).unsqueeze(-2)
+        # the tail of Sᵀ x zeroed between the two (its truncation to d entries),
+        # over blocks of columns whose buffers stay in cache.
+        batch = torch.broadcast_shapes(data.shape[:-1], x.shape[:-2])
+        n = x.shape[-1]
+        x = x.expand(*batch, d, n).reshape(-1, d, n)
+        spec_t = rfft(data.expand(*batch, d).reshape(-1, d), n=n_fft).unsqueeze(-2)
         first, second = (spec_t.conj(), spec_t) if self.lower else (spec_t, spec_t.conj())
-        buffer = x.new_zeros(*x.shape[:-2], x.shape[-1], n_fft)
-        buffer[..., :d].copy_(x.mT)
-        middle = irfft(rfft(buffer, dim=-1).mul_(first), n=n_fft, dim=-1)
-        middle[..., d:].zero_()
-        out = irfft(rfft(middle, dim=-1).mul_(second), n=n_fft, dim=-1)
-        return out[..., :d].mT.to(out_dtype)
+        out = x.new_empty(x.shape[0], n, d)  # the result's transpose
+        block = max(1, min(n, _BLOCK_ELEMENTS // n_fft))
+        buffer = None
+        for start in range(0, n, block):
+            m = min(block, n - start)
+            if buffer is None or buffer.shape[1] != m:
+                buffer = x.new_zeros(x.shape[0], m, n_fft)  # the tail stays zero
+            buffer[..., :d].copy_(x[..., start : start + m].mT)
+            middle = irfft(rfft(buffer, dim=-1).mul_(first), n=n_fft, dim=-1)
+            middle[..., d:].zero_()
+            out[:, start : start + m] = irfft(rfft(middle, dim=-1).mul_(second), n=n_fft, dim=-1)[..., :d]
+        return out.mT.reshape(*batch, d, n).to(out_dtype)
 
     def compose(self, a: Tensor, b: Tensor) -> Tensor:
         # L_a L_b is lower Toeplitz with the truncated convolution a * b; U_a U_b =
