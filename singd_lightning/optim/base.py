@@ -57,6 +57,14 @@ def _world_size() -> int:
     return 1
 
 
+def _all_finite(t: Tensor) -> Tensor:
+    """Whether ``t`` holds no inf or NaN, as a 0-dim bool tensor (no host sync):
+    its extremes are finite (one pass, no temporary of ``t``'s size)."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    return torch.isfinite(torch.stack(torch.aminmax(t))).all()
+
+
 def non_finite(tensors: list[Tensor]) -> bool:
     """Whether any tensor holds an inf or NaN (one synchronisation for all)."""
     if not tensors:
@@ -264,7 +272,8 @@ class KroneckerOptimizer(Optimizer):
     @abstractmethod
     def _update_preconditioner(self, layer: KroneckerLayer, stat_in: Tensor, stat_out: Tensor) -> dict[str, Tensor] | None:
         """New layer state from the reduced statistics (``H_K``, ``H_C`` and their
-        dense analogues), or None to keep the current one. Must not modify state."""
+        dense analogues), or None to keep the current one. Must not modify state;
+        may modify the statistics (they are this update's own)."""
 
     @abstractmethod
     def _precondition(self, layer: KroneckerLayer, grad: Tensor) -> Tensor:
@@ -277,16 +286,17 @@ class KroneckerOptimizer(Optimizer):
         stat_in, stat_out = self._statistics(layer, x_in, x_out)
         acc_dtype = torch.float64 if torch.float64 in (stat_in.dtype, stat_out.dtype) else torch.float32
         entry = self._stats.get(layer.name)
-        if entry is None:
+        # Accumulate in (at least) float32: sums over many passes would overflow fp16.
+        if entry is None:  # the first pass: own copies, weighted
             entry = self._stats[layer.name] = [
-                torch.zeros(stat_in.shape, dtype=acc_dtype, device=stat_in.device),
-                torch.zeros(stat_out.shape, dtype=acc_dtype, device=stat_out.device),
+                stat_in.to(acc_dtype, copy=True).mul_(w_in),
+                stat_out.to(acc_dtype, copy=True).mul_(w_out),
                 0,
                 0,
             ]
-        # Accumulate in (at least) float32: sums over many passes would overflow fp16.
-        entry[0].add_(stat_in, alpha=w_in)
-        entry[1].add_(stat_out, alpha=w_out)
+        else:
+            entry[0].add_(stat_in, alpha=w_in)
+            entry[1].add_(stat_out, alpha=w_out)
         entry[2] += n
         # A summed loss (loss_average=None) has no number of terms to restore.
         entry[3] += num_terms if layer.group["loss_average"] is not None else 0
@@ -315,8 +325,9 @@ class KroneckerOptimizer(Optimizer):
                 continue
             acc_in, acc_out, n, num_terms = entry
             dtype_k, dtype_c = self.preconditioner_dtypes(layer)
-            h_in = (acc_in / n).to(dtype_k)
-            h_out = (acc_out * (max(num_terms, 1) * out_factor)).to(dtype_c)
+            # The accumulators are dropped after this step: normalised in place.
+            h_in = acc_in.div_(n).to(dtype_k)
+            h_out = acc_out.mul_(max(num_terms, 1) * out_factor).to(dtype_c)
             reduced[layer.name] = (h_in, h_out)
         return reduced
 
@@ -408,8 +419,7 @@ class KroneckerOptimizer(Optimizer):
         # One synchronisation decides which updates are valid; invalid ones
         # (overflow in low precision) leave that layer's state untouched.
         finite = torch.stack([
-            torch.stack([torch.isfinite(t).all() for t in new_state.values()]).all()
-            for _, new_state in updates
+            torch.stack([_all_finite(t) for t in new_state.values()]).all() for _, new_state in updates
         ]).tolist()
         diagnostics = {}
         for (layer, new_state), ok in zip(updates, finite):

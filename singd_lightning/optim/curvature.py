@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from singd_lightning.structures._utils import symmetric_matmul
+
 SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 LOSS_AVERAGES = ("batch", "batch+sequence", None)
 KFAC_APPROXIMATIONS = ("expand", "reduce")
@@ -206,7 +208,7 @@ class Rows:
         if self._direct(self._gram):
             return self._gram()
         max_bytes = max(self.chunk_bytes, self.dim * self.dim * self.dtype.itemsize)
-        return self.reduce(lambda x: x @ x.mT, max_bytes)
+        return self.reduce(lambda x: symmetric_matmul(x, x.mT), max_bytes)
 
     def cross(self, index: Tensor) -> Tensor:
         """``X[index] Xᵀ``, ``(k, d)`` for ``k`` row indices, times :attr:`scale` ²: the
@@ -351,7 +353,7 @@ def _conv_cross(x: Tensor, patches: Tensor, conv: nn.Conv2d, has_bias: bool, ind
 def _linear_gram(flat: Tensor, has_bias: bool) -> Tensor:
     """``X Xᵀ`` for ``X = [flatᵀ; 1ᵀ]`` (without the ones row if no bias), straight
     from the ``(n, d)`` input: no copy with the ones row appended."""
-    gram = flat.T @ flat
+    gram = symmetric_matmul(flat.T, flat)
     if not has_bias:
         return gram
     sums = _sum_over_chunks(flat, lambda b: b.sum(dim=0))

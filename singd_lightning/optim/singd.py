@@ -163,15 +163,17 @@ class SINGD(KroneckerOptimizer):
         damping, alpha1 = group["damping"], group["alpha1"]
         ktk = layout_k.project_self_gram(K)
         ctc = layout_c.project_self_gram(C)
+        # The statistics h_k, h_c are this update's own buffers: they become the
+        # momenta in place (fewer passes over dense factors).
         if group["kfac_like"]:
-            m_k = h_k.add(ktk, alpha=damping)
-            m_c = h_c.add(ctc, alpha=damping)
+            m_k = h_k.add_(ktk, alpha=damping)
+            m_c = h_c.add_(ctc, alpha=damping)
         else:
             # τ(·) are 0-dim tensors: no host synchronisation.
             tr_hk, tr_hc = layout_k.average_trace(h_k), layout_c.average_trace(h_c)
             tr_ktk, tr_ctc = layout_k.average_trace(ktk), layout_c.average_trace(ctc)
-            m_k = h_k * tr_hc.to(h_k.dtype) + ktk * (damping * tr_ctc).to(ktk.dtype)
-            m_c = h_c * tr_hk.to(h_c.dtype) + ctc * (damping * tr_ktk).to(ctc.dtype)
+            m_k = h_k.mul_(tr_hc.to(h_k.dtype)).addcmul_(ktk, (damping * tr_ctc).to(ktk.dtype))
+            m_c = h_c.mul_(tr_hk.to(h_c.dtype)).addcmul_(ctc, (damping * tr_ktk).to(ctc.dtype))
         layout_k.add_identity_(m_k, -1.0)
         layout_c.add_identity_(m_c, -1.0)
         half = 0.5 * (1.0 - alpha1) if group["normalize_lr_cov"] else 0.5
@@ -188,8 +190,8 @@ class SINGD(KroneckerOptimizer):
             beta_k = beta / layout_k.max_abs(m_k).clamp(min=1.0)
             beta_c = beta / layout_c.max_abs(m_c).clamp(min=1.0)
         # K ← K − β₁ K m_K: a first-order step of K exp(−β₁ m_K), stays in the group.
-        new_state["K"] = K - layout_k.compose(K, m_k) * beta_k
-        new_state["C"] = C - layout_c.compose(C, m_c) * beta_c
+        new_state["K"] = layout_k.compose(K, m_k).mul_(-beta_k).add_(K)
+        new_state["C"] = layout_c.compose(C, m_c).mul_(-beta_c).add_(C)
         return new_state
 
     def _layer_diagnostics(self, layer, old, new):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from singd_lightning.structures._utils import dense_matmul_outer
+from singd_lightning.structures._utils import dense_matmul_outer, symmetric_matmul
 from singd_lightning.structures.base import Structure
 
 
@@ -37,26 +37,25 @@ class Dense(Structure):
         return (self._mat(a) @ self._mat(b)).flatten(-2)
 
     def project_outer(self, y: Tensor) -> Tensor:
-        return (y @ y.mT).flatten(-2)
+        return symmetric_matmul(y, y.mT).flatten(-2)
 
     def project_gram(self, data: Tensor, x: Tensor) -> Tensor:
-        # Kᵀ (x xᵀ) K costs d²n + 2d³, (Kᵀ x)(Kᵀ x)ᵀ costs 2d²n: pick the cheaper.
+        # Kᵀ (x xᵀ) K costs d²n + 2d³, (Kᵀ x)(Kᵀ x)ᵀ costs 2d²n (each symmetric
+        # product a little over half of that): pick the cheaper.
         mat = self._mat(data)
         if x.shape[-1] > 2 * self.dim:
-            return (mat.mT @ (x @ x.mT) @ mat).flatten(-2)
-        y = mat.mT @ x
-        return (y @ y.mT).flatten(-2)
+            return symmetric_matmul(mat.mT @ symmetric_matmul(x, x.mT), mat).flatten(-2)
+        return self.project_outer(mat.mT @ x)
 
     def project_gram_rows(self, data: Tensor, rows) -> Tensor:
         if rows.n > 2 * self.dim:  # Gram first, accumulated over column blocks
             mat = self._mat(data)
-            gram = rows.gram()
-            return (mat.mT @ gram @ mat).flatten(-2)
+            return symmetric_matmul(mat.mT @ rows.gram(), mat).flatten(-2)
         return super().project_gram_rows(data, rows)
 
     def project_self_gram(self, data: Tensor) -> Tensor:
         mat = self._mat(data)
-        return (mat.mT @ mat).flatten(-2)
+        return symmetric_matmul(mat.mT, mat).flatten(-2)
 
     def diagonal(self, data: Tensor) -> Tensor:
         return data[..., :: self.dim + 1]

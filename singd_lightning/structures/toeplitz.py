@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.fft import irfft, rfft
 
-from singd_lightning.structures._utils import compute_dtype, dense_matmul_outer
+from singd_lightning.structures._utils import compute_dtype, dense_matmul_outer, symmetric_matmul
 from singd_lightning.structures.base import Structure
 
 
@@ -155,7 +155,7 @@ class _TriangularToeplitz(Structure):
     def project_outer(self, y: Tensor) -> Tensor:
         y_work = y.to(compute_dtype(y.dtype))
         if self.dim**2 <= _fft_cost(self.dim, 1, passes=1):  # short rows: dense Gram
-            return self.project(y_work @ y_work.mT).to(y.dtype)
+            return self.project(symmetric_matmul(y_work, y_work.mT)).to(y.dtype)
         return self._project_outer_fft(y_work).to(y.dtype)
 
     def project_gram(self, data: Tensor, x: Tensor) -> Tensor:
@@ -163,7 +163,7 @@ class _TriangularToeplitz(Structure):
         dtype = compute_dtype(out_dtype)
         t, x = data.to(dtype), x.to(dtype)
         if self._gram_first(x.shape[-1]):
-            return self._project_sandwich(t, x @ x.mT).to(out_dtype)
+            return self._project_sandwich(t, symmetric_matmul(x, x.mT)).to(out_dtype)
         return self._project_outer_fft(x, t).to(out_dtype)
 
     def project_gram_rows(self, data: Tensor, rows) -> Tensor:

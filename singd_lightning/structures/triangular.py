@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from singd_lightning.structures._utils import unsqueeze_alpha
+from singd_lightning.structures._utils import symmetric_matmul, unsqueeze_alpha
 from singd_lightning.structures.base import Structure
 
 
@@ -70,11 +70,11 @@ class _Triangular(Structure):
         return out
 
     def project_outer(self, y: Tensor) -> Tensor:
-        return self._project_sym(y @ y.mT)
+        return self._project_sym(symmetric_matmul(y, y.mT))
 
     def project_self_gram(self, data: Tensor) -> Tensor:
         mat = self.to_dense(data)
-        return self._project_sym(mat.mT @ mat)
+        return self._project_sym(symmetric_matmul(mat.mT, mat))
 
     def diagonal(self, data: Tensor) -> Tensor:
         return data[..., self._diag_positions(data.device)]

@@ -122,6 +122,25 @@ def test_inf_gradient_step_changes_nothing():
     assert optimizer.skipped_steps == 1
 
 
+@pytest.mark.parametrize("structure", ["dense", "diagonal"])
+def test_non_finite_factor_update_is_rejected_for_that_layer_only(structure):
+    model = _mlp()
+    optimizer = SINGD(model, T=1, lr=0.1, structures=(structure, structure))
+    batches = _batches()
+    _train(model, optimizer, batches, 2)
+    layer = next(layer for layer in optimizer.layers if layer.name == "0")
+    layout_k = optimizer.layouts(layer)[0]
+    layout_k.compose = lambda a, b: torch.full_like(a, float("nan"))  # overflowing update
+    before = {name: {k: v.clone() for k, v in st.items()} for name, st in optimizer.layer_state.items()}
+    params_before = [p.detach().clone() for p in model.parameters()]
+    _train(model, optimizer, batches[2:], 1)
+    assert optimizer.rejected_preconditioner_updates == 1
+    for key, value in before["0"].items():
+        assert torch.equal(optimizer.layer_state["0"][key], value), key
+    assert not torch.equal(optimizer.layer_state["2"]["K"], before["2"]["K"])
+    assert all(not torch.equal(p, q) for p, q in zip(params_before, model.parameters()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_finds_one_bad_entry_anywhere(dtype, value):
