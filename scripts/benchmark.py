@@ -5,7 +5,12 @@ Times the full train step (forward + backward + optimizer step; median over
 turn so that background load hits them alike) in one process for AdamW, SGD, KFAC, the
 published reference package ``singd`` (each structure it has) and ours (each
 structure), at the given ``T`` values, on three CIFAR-size models, and prints
-ratios against AdamW and against the reference run in the same process. Peak
+ratios against AdamW and against the reference run in the same process. For
+``T > 1`` the step time is the mean over a cycle of ``T`` steps: one step collects
+statistics and updates the factors (as every step does at ``T = 1``, whose
+configuration is always run too), ``T − 1`` steps only precondition, so it is
+``((T − 1)·t_plain + t_1) / T`` with ``t_plain`` the median of the steps that
+collect nothing and ``t_1`` the step time at ``T = 1``. Peak
 memory of each configuration is measured in a fresh subprocess so that runs don't
 pollute each other: on CPU the resident high-water mark reached during the run
 beyond the memory held after the imports (with large blocks returned to the system
@@ -146,6 +151,7 @@ class _Trainee:
         self.optimizer = build_optimizer(config, self.model)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bf16")
         self.times: list[float] = []
+        self.count = 0  # steps taken; those with count % T == 0 collect statistics
 
     def step(self, record: bool) -> None:
         _synchronize(self.config.device)
@@ -156,14 +162,18 @@ class _Trainee:
         loss.backward()
         self.optimizer.step()
         _synchronize(self.config.device)
-        if record:
+        collects = self.count % self.config.T == 0
+        self.count += 1
+        # At T > 1 only the steps that collect nothing are timed here (see amortize).
+        if record and (self.config.T == 1 or not collects):
             self.times.append(time.perf_counter() - start)
 
 
 def run(configs: list[Config], steps: int, warmup: int) -> list[Result]:
     """Train every configuration ``warmup + steps`` steps, interleaved round by
     round so that background load affects all of them alike; the median of the
-    last ``steps`` step times is reported."""
+    last ``steps`` step times is reported (at ``T > 1``, of those among them that
+    collect no statistics: see :func:`amortize`)."""
     trainees, results = [], {}
     for config in configs:
         try:
@@ -178,6 +188,9 @@ def run(configs: list[Config], steps: int, warmup: int) -> list[Result]:
                 results[id(trainee.config)] = Result(trainee.config, error=f"{type(err).__name__}: {err}"[:120])
                 trainees.remove(trainee)
     for trainee in trainees:
+        if not trainee.times:
+            results[id(trainee.config)] = Result(trainee.config, error="every timed step collected: raise --steps")
+            continue
         results[id(trainee.config)] = Result(
             trainee.config,
             step_ms=1e3 * statistics.median(trainee.times),
@@ -185,6 +198,23 @@ def run(configs: list[Config], steps: int, warmup: int) -> list[Result]:
             kronecker_state_bytes=optimizer_state_bytes(trainee.optimizer, kronecker_only=True),
         )
     return [results[id(config)] for config in configs]
+
+
+def amortize(results: list[Result]) -> None:
+    """Turn the step time of each ``T > 1`` result (measured on steps that collect
+    nothing) into the mean over a cycle of ``T`` steps, with the same method's
+    ``T = 1`` step as the collecting one; both raw times go to ``extra``."""
+    by_key = {(r.config.model, r.config.method, r.config.structure, r.config.T): r for r in results}
+    for r in results:
+        c = r.config
+        one = by_key.get((c.model, c.method, c.structure, 1))
+        if c.T == 1 or r.error:
+            continue
+        if one is None or one.error:
+            r.error = "no T = 1 step to amortize with"
+            continue
+        r.extra.update(plain_step_ms=r.step_ms, collecting_step_ms=one.step_ms)
+        r.step_ms = ((c.T - 1) * r.step_ms + one.step_ms) / c.T
 
 
 def measure_peak(config: Config, steps: int) -> int:
@@ -231,7 +261,8 @@ def configurations(args) -> list[Config]:
     common = dict(batch_size=args.batch_size, device=args.device, dtype=args.dtype)
     for model in args.models:
         configs += [Config(model, "adamw", **common), Config(model, "sgd", **common)]
-        for T in args.T:
+        # T > 1 is amortized with the collecting step, timed as the T = 1 step.
+        for T in sorted(set(args.T) | {1}):
             if "kfac" in args.methods:
                 configs.append(Config(model, "kfac", T=T, **common))
             for structure in args.structures:
@@ -297,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     configs = configurations(args)
     for model in args.models:  # one interleaved group per model
         group = run([c for c in configs if c.model == model], args.steps, args.warmup)
+        amortize(group)
         for result in group:
             if not args.no_peak and not result.error:
                 try:

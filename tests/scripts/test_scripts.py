@@ -15,7 +15,7 @@ def test_benchmark_writes_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--models", "convmixer",
-         "--structures", "diagonal", "--T", "1", "--batch-size", "2", "--steps", "1",
+         "--structures", "diagonal", "--T", "2", "--batch-size", "2", "--steps", "2",
          "--warmup", "0", "--methods", "ours", "reference", "--no-peak", "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )
@@ -24,10 +24,16 @@ def test_benchmark_writes_table_and_json(tmp_path):
     methods = {(r["method"], r["structure"]) for r in rows}
     assert {("adamw", ""), ("sgd", ""), ("reference", "diagonal"), ("ours", "diagonal")} == methods
     assert all(r["error"] == "" and r["step_ms"] > 0 for r in rows)
-    ours = next(r for r in rows if r["method"] == "ours")
+    ours = next(r for r in rows if r["method"] == "ours" and r["T"] == 1)
     adamw = next(r for r in rows if r["method"] == "adamw")
     assert 0 < ours["state_bytes"] < adamw["state_bytes"]  # diagonal SINGD is leaner than AdamW
     assert "| convmixer | ours | diagonal | 1 |" in result.stdout
+    # T = 2 runs with T = 1 (the collecting step) and reports the mean of a cycle.
+    assert {(r["method"], r["T"]) for r in rows if r["structure"]} == {(m, t) for m in ("ours", "reference") for t in (1, 2)}
+    for method in ("ours", "reference"):
+        one, two = (next(r for r in rows if r["method"] == method and r["T"] == t) for t in (1, 2))
+        assert two["extra"]["collecting_step_ms"] == one["step_ms"]
+        assert abs(two["step_ms"] - (two["extra"]["plain_step_ms"] + one["step_ms"]) / 2) < 1e-9
 
 
 def test_benchmark_peak_memory_runs_in_a_fresh_process():
