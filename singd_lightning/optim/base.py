@@ -65,6 +65,12 @@ def _all_finite(t: Tensor) -> Tensor:
     return torch.isfinite(torch.stack(torch.aminmax(t))).all()
 
 
+def _weighted_copy(t: Tensor, dtype: torch.dtype, weight: float) -> Tensor:
+    """``weight · t`` as a new tensor of ``dtype`` (one pass when ``weight`` is 1)."""
+    out = t.to(dtype, copy=True)
+    return out if weight == 1.0 else out.mul_(weight)
+
+
 def non_finite(tensors: list[Tensor]) -> bool:
     """Whether any tensor holds an inf or NaN (one synchronisation for all)."""
     if not tensors:
@@ -289,8 +295,8 @@ class KroneckerOptimizer(Optimizer):
         # Accumulate in (at least) float32: sums over many passes would overflow fp16.
         if entry is None:  # the first pass: own copies, weighted
             entry = self._stats[layer.name] = [
-                stat_in.to(acc_dtype, copy=True).mul_(w_in),
-                stat_out.to(acc_dtype, copy=True).mul_(w_out),
+                _weighted_copy(stat_in, acc_dtype, w_in),
+                _weighted_copy(stat_out, acc_dtype, w_out),
                 0,
                 0,
             ]
