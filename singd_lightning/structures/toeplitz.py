@@ -11,6 +11,7 @@ a rough cost model picks it instead: FFTs beat matrix products only for long row
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -51,6 +52,24 @@ def _fft_len(dim: int) -> int:
             power35 *= 3
         power5 *= 5
     return best
+
+
+def _padded_row_blocks(x: Tensor, n_fft: int) -> Iterator[tuple[int, Tensor]]:
+    """The columns of ``x`` (``(B, d, n)``) as rows of zero-padded blocks: yields
+    ``(start, buffer)`` with ``buffer`` of shape ``(B, m, n_fft)`` holding columns
+    ``start … start + m − 1`` of ``x`` followed by zeros, a cache-sized block at a
+    time. The buffer is reused between blocks (its tail stays zero): padding by the
+    transforms' ``n=`` would copy and fill on every call. Callers must not write to
+    it."""
+    d, n = x.shape[-2:]
+    block = max(1, min(n, _BLOCK_ELEMENTS // n_fft))
+    buffer = None
+    for start in range(0, n, block):
+        m = min(block, n - start)
+        if buffer is None or buffer.shape[1] != m:
+            buffer = x.new_zeros(x.shape[0], m, n_fft)
+        buffer[..., :d].copy_(x[..., start : start + m].mT)
+        yield start, buffer
 
 
 class _TriangularToeplitz(Structure):
@@ -119,20 +138,16 @@ class _TriangularToeplitz(Structure):
         # over blocks of columns whose buffers stay in cache.
         batch = torch.broadcast_shapes(data.shape[:-1], x.shape[:-2])
         n = x.shape[-1]
-        x = x.expand(*batch, d, n).reshape(-1, d, n)
+        x = x.expand(*batch, d, n).reshape(math.prod(batch), d, n)
         spec_t = rfft(data.expand(*batch, d).reshape(-1, d), n=n_fft).unsqueeze(-2)
         first, second = (spec_t.conj(), spec_t) if self.lower else (spec_t, spec_t.conj())
         out = x.new_empty(x.shape[0], n, d)  # the result's transpose
-        block = max(1, min(n, _BLOCK_ELEMENTS // n_fft))
-        buffer = None
-        for start in range(0, n, block):
-            m = min(block, n - start)
-            if buffer is None or buffer.shape[1] != m:
-                buffer = x.new_zeros(x.shape[0], m, n_fft)  # the tail stays zero
-            buffer[..., :d].copy_(x[..., start : start + m].mT)
-            middle = irfft(rfft(buffer, dim=-1).mul_(first), n=n_fft, dim=-1)
+        # Transforms write fresh, block-sized outputs, which the allocator reuses
+        # (``out=`` transforms copy once more).
+        for start, rows in _padded_row_blocks(x, n_fft):
+            middle = irfft(rfft(rows, dim=-1).mul_(first), n=n_fft, dim=-1)
             middle[..., d:].zero_()
-            out[:, start : start + m] = irfft(rfft(middle, dim=-1).mul_(second), n=n_fft, dim=-1)[..., :d]
+            out[:, start : start + rows.shape[1]] = irfft(rfft(middle, dim=-1).mul_(second), n=n_fft, dim=-1)[..., :d]
         return out.mT.reshape(*batch, d, n).to(out_dtype)
 
     def compose(self, a: Tensor, b: Tensor) -> Tensor:
@@ -203,17 +218,9 @@ class _TriangularToeplitz(Structure):
             spec_t = rfft(t.expand(*batch, d).reshape(-1, d), n=n_fft).unsqueeze(-2)
             if self.lower:  # Lᵀ @ x (and U @ x = Lᵀ @ x): correlation, the conjugate
                 spec_t = spec_t.conj()
-        block = max(1, min(n, _BLOCK_ELEMENTS // n_fft))
-        power, buffer = None, None
-        for start in range(0, n, block):
-            m = min(block, n - start)
-            if buffer is None or buffer.shape[1] != m:
-                buffer = x.new_zeros(x.shape[0], m, n_fft)  # the tail stays zero
-            # Inputs are copied into the zero-tailed buffer (padding by ``n=`` would
-            # copy and fill on every call); outputs are fresh, block-sized tensors,
-            # which the allocator reuses (``out=`` transforms copy once more).
-            buffer[..., :d].copy_(x[..., start : start + m].mT)
-            spectrum = rfft(buffer, dim=-1)
+        power = None
+        for _, rows in _padded_row_blocks(x, n_fft):
+            spectrum = rfft(rows, dim=-1)
             if spec_t is not None:
                 corr = irfft(spectrum.mul_(spec_t), n=n_fft, dim=-1)
                 corr[..., d:].zero_()  # truncate Sᵀ x to its d entries

@@ -266,6 +266,7 @@ def test_toeplitz_fft_and_dense_routes(monkeypatch, fft_cost, name, dim):
     close(layout.matmul(data, x), mat @ x)
     close(layout.matmul(data, x, transpose=True), mat.T @ x)
     close(layout.matmul_outer(data, x), mat @ mat.T @ x)
+    assert layout.matmul_outer(data, x[:, :0]).shape == (dim, 0)  # no columns
     close(layout.to_dense(layout.project_outer(x)), ref_project(layout, x @ x.T))
     expected = ref_project(layout, mat.T @ x @ x.T @ mat)
     close(layout.to_dense(layout.project_gram(data, x)), expected)
