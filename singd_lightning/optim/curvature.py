@@ -304,6 +304,38 @@ def _layout_rows(view: Tensor, feature_dims: int, has_bias: bool, row_major: boo
     return out.reshape(out.shape[0], -1)
 
 
+def _conv_rows_row_major(
+    pixels: Tensor, conv: nn.Conv2d, out_size: tuple[int, int], start: int, stop: int, has_bias: bool
+) -> Tensor:
+    """The im2col columns of samples ``start … stop − 1`` as the transpose of a
+    contiguous ``(n_i, d [+1])`` matrix (ones in the last column with a bias).
+
+    One copy per kernel entry ``(i, j)`` of the pixels it meets, whole channel
+    vectors at a time from the channels-last input: for kernels of up to 3×3, two
+    to three times faster than one copy of the permuted patch view, whose innermost
+    loop runs over the kernel's few columns (measured on CPU). Larger kernels make
+    too many passes over the output, so they take the single copy.
+
+    Args:
+        pixels: The padded input, channels-last and contiguous, ``(N, H', W', c)``.
+        conv: The layer (for its kernel size, stride and dilation).
+        out_size: The output's spatial size ``(O1, O2)``.
+    """
+    (kernel_h, kernel_w), (stride_h, stride_w), (dilation_h, dilation_w) = conv.kernel_size, conv.stride, conv.dilation
+    (out_h, out_w), channels = out_size, pixels.shape[-1]
+    d = channels * kernel_h * kernel_w
+    out = pixels.new_empty(stop - start, out_h, out_w, d + int(has_bias))
+    kernel = out[..., :d].unflatten(-1, (channels, kernel_h, kernel_w))
+    for i in range(kernel_h):
+        rows = slice(i * dilation_h, i * dilation_h + stride_h * (out_h - 1) + 1, stride_h)
+        for j in range(kernel_w):
+            columns = slice(j * dilation_w, j * dilation_w + stride_w * (out_w - 1) + 1, stride_w)
+            kernel[..., i, j] = pixels[start:stop, rows, columns]
+    if has_bias:
+        out[..., d].fill_(1.0)
+    return out.flatten(0, 2).mT
+
+
 def _conv_cross(x: Tensor, patches: Tensor, conv: nn.Conv2d, has_bias: bool, index: Tensor) -> Tensor:
     """``X[index] Xᵀ`` for the im2col matrix ``X`` of a convolution, ``(k, d)``,
     without building ``X``.
@@ -424,9 +456,17 @@ def input_rows(layer: KroneckerLayer, x: Tensor, approx: str) -> Rows:
                 sums = conv2d_patch_view(squares, module).sum(dim=(3, 4, 5)).flatten()
                 return torch.cat([sums, sums.new_full((1,), n)]) if has_bias else sums
 
+            channels_last: list[Tensor] = []  # the padded input, channels-last, made once
+
+            def build(start: int, stop: int, row_major: bool) -> Tensor:
+                if not row_major or module.kernel_size[0] * module.kernel_size[1] > 9:
+                    return _layout_rows(patches[:, :, :, start:stop], 3, has_bias, row_major)
+                if not channels_last:
+                    channels_last.append(x.permute(0, 2, 3, 1).contiguous())
+                return _conv_rows_row_major(channels_last[0], module, patches.shape[4:], start, stop, has_bias)
+
             return Rows(
-                lambda start, stop, row_major: _layout_rows(patches[:, :, :, start:stop], 3, has_bias, row_major),
-                d_k, batch, locations, x.dtype, square_sums,
+                build, d_k, batch, locations, x.dtype, square_sums,
                 # Few channels make the shifted products narrow (and im2col small).
                 cross=_conv_cross_function(x, patches, module, has_bias),
             )
@@ -469,7 +509,8 @@ def output_gradient_rows(
 
             def build(start: int, stop: int, row_major: bool) -> Tensor:
                 if row_major:
-                    return g[start:stop].permute(0, 2, 3, 1).reshape(-1, d_o).mT
+                    # (reshape would return a column-major view for a single sample)
+                    return g[start:stop].permute(0, 2, 3, 1).contiguous().reshape(-1, d_o).mT
                 return g[start:stop].transpose(0, 1).reshape(d_o, -1)
 
             rows = Rows(

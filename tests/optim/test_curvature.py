@@ -97,6 +97,7 @@ ROW_SOURCES = [
     pytest.param(nn.Conv2d(32, 4, (2, 3), stride=(2, 1), dilation=(1, 2), bias=False), (2, 32, 7, 8), id="conv-strided"),
     pytest.param(nn.Conv2d(6, 4, 3, padding=1, groups=2, padding_mode="reflect"), (3, 6, 5, 5), id="conv-narrow"),
     pytest.param(nn.Conv2d(6, 4, 1), (3, 6, 5, 4), id="conv-pointwise"),
+    pytest.param(nn.Conv2d(3, 4, 5, padding=2), (2, 3, 6, 6), id="conv-large-kernel"),  # patch-view copies
     pytest.param(nn.Linear(7, 5), (3, 4, 7), id="linear-bias"),
     pytest.param(nn.Linear(7, 5, bias=False), (3, 4, 7), id="linear"),
 ]
@@ -121,6 +122,8 @@ def test_rows_chunks_reduce_and_cross_equal_the_matrix(module, shape, approx):
             rows.chunk_bytes = full.shape[0] * full.element_size()  # one unit per chunk
             chunks = list(rows.chunks(row_major=row_major))
             torch.testing.assert_close(torch.cat(chunks, dim=1), full)
+            if row_major and rows._copies:  # built in the layout asked for
+                assert all(chunk.mT.is_contiguous() for chunk in chunks)
         rows = make_rows()
         rows.chunk_bytes = 1
         torch.testing.assert_close(rows.reduce(lambda m: m @ m.T), full @ full.T)
