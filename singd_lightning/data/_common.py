@@ -10,7 +10,9 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.utils import check_integrity, extract_archive
+from torchvision.datasets.utils import check_integrity
+
+from singd_lightning.data._archives import ArchiveRefusedError, extract_tar_safely
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -28,27 +30,32 @@ def ensure_extracted(
 ) -> None:
     """Make a dataset's extracted files available, or raise a clear error.
 
-    Uses, in order: the extracted files (``present()``), a hand-placed ``archive``
-    (MD5-checked unless ``md5`` is None, then extracted next to it), ``fetch()``
-    (a download, if ``download``).
+    Uses, in order: the extracted files (``present()``), a hand-placed ``archive``,
+    ``fetch()`` (which downloads ``archive``, if ``download``). The archive is
+    MD5-checked unless ``md5`` is None, then extracted next to it; extraction never
+    writes outside ``archive.parent`` (see :func:`extract_tar_safely`).
 
     Raises:
         DatasetNotFoundError: built by ``not_found(reason)``.
     """
     if present():
         return
-    if archive.is_file():
-        if md5 is not None and not check_integrity(str(archive), md5):
-            raise not_found(f"'{archive}' is corrupted: MD5 differs from {md5}")
-        extract_archive(str(archive), str(archive.parent))
-    elif download:
+    if not archive.is_file():
+        if not download:
+            raise not_found("download=False")
         try:
             os.makedirs(archive.parent, exist_ok=True)
             fetch()
         except Exception as err:  # network, disk or checksum failure
             raise not_found(f"download failed: {err}") from err
-    else:
-        raise not_found("download=False")
+        if not archive.is_file():
+            raise not_found(f"the download did not produce '{archive}'")
+    if md5 is not None and not check_integrity(str(archive), md5):
+        raise not_found(f"'{archive}' is corrupted: MD5 differs from {md5}")
+    try:
+        extract_tar_safely(archive, archive.parent)
+    except ArchiveRefusedError as err:
+        raise not_found(str(err)) from err
     if not present():
         raise not_found(f"the archive did not contain {contents}")
 

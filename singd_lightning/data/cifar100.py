@@ -1,24 +1,22 @@
 """CIFAR-100 (Krizhevsky, 2009): 50k training and 10k test images, 100 classes.
 
-The archive is fetched with ``torchvision.datasets.CIFAR100`` (which checks its
-MD5). The extracted pickles are then read directly, so hand-placed files work
-offline. Training images get a random 32 px crop with 4 px padding and a
-horizontal flip; a seeded ``val_size`` slice of the training set (evaluated
-without augmentation) is the validation split; the official test set is the
-test split.
+The official archive is downloaded (or hand-placed), MD5-checked and extracted
+without writing outside ``data_dir``. The extracted files are pickles, and
+unpickling runs code named in the file, so they are read only after their MD5
+matches the official files' (:data:`CIFAR100_FILE_MD5S`), by
+``torchvision.datasets.CIFAR100``, which checks the same sums before unpickling.
+Training images get a random 32 px crop with 4 px padding and a horizontal flip; a
+seeded ``val_size`` slice of the training set (evaluated without augmentation) is
+the validation split; the official test set is the test split.
 """
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-from PIL import Image
-from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR100
+from torchvision.datasets.utils import calculate_md5, download_url
 
 from singd_lightning.data._common import (
     ensure_extracted,
@@ -31,44 +29,38 @@ from singd_lightning.data._common import (
 CIFAR100_FOLDER = CIFAR100.base_folder  # "cifar-100-python"
 CIFAR100_ARCHIVE = CIFAR100.filename  # "cifar-100-python.tar.gz"
 CIFAR100_URL = CIFAR100.url
-CIFAR100_MD5 = CIFAR100.tgz_md5
+#: MD5 of the official ``cifar-100-python.tar.gz``.
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+#: MD5 of each official file in ``cifar-100-python`` (the same sums torchvision's
+#: ``CIFAR100`` lists). Only files with these sums are unpickled. Tests that write tiny
+#: files in the official format register those files' own sums here (monkeypatch).
+CIFAR100_FILE_MD5S: dict[str, str] = {
+    "train": "16019d7e3df5f24257cddd939b257f8d",
+    "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+    "meta": "7973b15100ade9c7d40fb424638fde48",
+}
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 
-def _unpickle(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+class CheckedCIFAR100(CIFAR100):
+    """torchvision's ``CIFAR100`` (PIL images, int labels), checked against given sums.
 
-
-class CIFAR100Pickles(Dataset):
-    """One split of the extracted ``cifar-100-python`` folder, as PIL images.
+    torchvision verifies the MD5 of ``train``, ``test`` and ``meta`` before unpickling
+    any of them; this subclass only makes it use ``md5s`` instead of its built-in
+    official sums, and never downloads.
 
     Args:
-        folder: The ``cifar-100-python`` directory.
-        split: ``"train"`` or ``"test"``.
+        root: Directory holding ``cifar-100-python``.
+        train: The training split (else the test split).
+        md5s: MD5 of ``train``, ``test`` and ``meta``.
     """
 
-    def __init__(self, folder: str | Path, split: str = "train") -> None:
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        folder = Path(folder)
-        entry = _unpickle(folder / split)
-        self.data: np.ndarray = (
-            np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        )
-        self.targets: list[int] = [int(t) for t in entry["fine_labels"]]
-        if len(self.targets) != len(self.data):
-            raise ValueError(
-                f"{folder / split}: {len(self.data)} images but {len(self.targets)} labels"
-            )
-        self.classes: list[str] = list(_unpickle(folder / "meta")["fine_label_names"])
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        return Image.fromarray(self.data[i]), self.targets[i]
+    def __init__(self, root: str | Path, train: bool, md5s: dict[str, str]) -> None:
+        self.train_list = [["train", md5s["train"]]]
+        self.test_list = [["test", md5s["test"]]]
+        self.meta = {**CIFAR100.meta, "md5": md5s["meta"]}
+        super().__init__(str(root), train=train, download=False)
 
 
 class CIFAR100DataModule(ImageClassificationDataModule):
@@ -120,6 +112,25 @@ class CIFAR100DataModule(ImageClassificationDataModule):
     def _files_present(self) -> bool:
         return all((self.folder / name).is_file() for name in ("train", "test", "meta"))
 
+    def _check_files(self) -> None:
+        """Compare every extracted file's MD5 with :data:`CIFAR100_FILE_MD5S`.
+
+        Raises:
+            DatasetNotFoundError: Naming the first file whose MD5 differs; nothing has
+                been unpickled.
+        """
+        for name, expected in CIFAR100_FILE_MD5S.items():
+            path = self.folder / name
+            actual = calculate_md5(path)
+            if actual != expected:
+                raise DatasetNotFoundError(
+                    f"CIFAR-100 file '{path.resolve()}' is not the official one (MD5 {actual}, "
+                    f"expected {expected}), so it was not loaded: unpickling an unknown file "
+                    f"can run arbitrary code. Delete the folder '{self.folder.resolve()}' and "
+                    f"put the official archive '{CIFAR100_ARCHIVE}' (from {CIFAR100_URL}, md5 "
+                    f"{CIFAR100_MD5}) in '{self.data_dir.resolve()}', or set download=True."
+                )
+
     def _not_found(self, reason: str) -> DatasetNotFoundError:
         return DatasetNotFoundError(
             f"CIFAR-100 not found in '{self.data_dir.resolve()}' ({reason}). Put the "
@@ -131,23 +142,28 @@ class CIFAR100DataModule(ImageClassificationDataModule):
         )
 
     def ensure_available(self, download: bool | None = None) -> Path:
-        """Make sure the extracted folder exists and return it.
+        """Make sure the extracted folder exists, check its files and return it.
 
         Uses, in order: the extracted folder, a hand-placed archive (MD5-checked,
-        then extracted), a download (if allowed).
+        then extracted), a download (if allowed). Every extracted file must then
+        match :data:`CIFAR100_FILE_MD5S`.
 
         Raises:
-            DatasetNotFoundError: The files are absent and cannot be downloaded.
+            DatasetNotFoundError: The files are absent and cannot be downloaded, the
+                archive is corrupted or unsafe, or a file is not the official one.
         """
         ensure_extracted(
             self._files_present,
             self.data_dir / CIFAR100_ARCHIVE,
             CIFAR100_MD5,
             self.download if download is None else download,
-            fetch=lambda: CIFAR100(str(self.data_dir), train=True, download=True),
+            fetch=lambda: download_url(
+                CIFAR100_URL, root=str(self.data_dir), filename=CIFAR100_ARCHIVE, md5=CIFAR100_MD5
+            ),
             not_found=self._not_found,
             contents="train, test and meta",
         )
+        self._check_files()
         return self.folder
 
     def prepare_data(self) -> None:
@@ -165,9 +181,11 @@ class CIFAR100DataModule(ImageClassificationDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        folder = self.ensure_available()
-        train = CIFAR100Pickles(folder, "train")
-        test = CIFAR100Pickles(folder, "test")
+        self.ensure_available()
+        # torchvision checks the sums again, right before it unpickles the files
+        md5s = dict(CIFAR100_FILE_MD5S)
+        train = CheckedCIFAR100(self.data_dir, train=True, md5s=md5s)
+        test = CheckedCIFAR100(self.data_dir, train=False, md5s=md5s)
         self.classes = train.classes
         train_idx, val_idx = split_indices(len(train), self.val_size, self.seed)
         self.train_set = TransformSubset(train, train_idx, self.train_transform())
@@ -177,7 +195,8 @@ class CIFAR100DataModule(ImageClassificationDataModule):
 
 __all__ = [
     "CIFAR100DataModule",
-    "CIFAR100Pickles",
+    "CIFAR100_FILE_MD5S",
+    "CheckedCIFAR100",
     "CIFAR100_MEAN",
     "CIFAR100_STD",
 ]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.utils import download_and_extract_archive
+from torchvision.datasets.utils import download_url
 
 from singd_lightning.data._common import (
     ensure_extracted,
@@ -126,19 +126,21 @@ class ImageWoofDataModule(ImageClassificationDataModule):
     def ensure_available(self, download: bool | None = None) -> Path:
         """Make sure the extracted folder exists and return it.
 
-        Uses, in order: the extracted folder, a hand-placed archive (MD5-checked
-        unless ``md5`` is None, then extracted), a download (if allowed).
+        Uses, in order: the extracted folder, a hand-placed archive, a download (if
+        allowed). The archive is MD5-checked unless ``md5`` is None, then extracted;
+        even unchecked, extraction never writes outside ``data_dir``.
 
         Raises:
-            DatasetNotFoundError: The files are absent and cannot be downloaded.
+            DatasetNotFoundError: The files are absent and cannot be downloaded, or the
+                archive is corrupted or unsafe.
         """
         ensure_extracted(
             self._files_present,
             self.data_dir / IMAGEWOOF_ARCHIVE,
             self.md5,
             self.download if download is None else download,
-            fetch=lambda: download_and_extract_archive(
-                IMAGEWOOF_URL, download_root=str(self.data_dir), filename=IMAGEWOOF_ARCHIVE, md5=self.md5
+            fetch=lambda: download_url(
+                IMAGEWOOF_URL, root=str(self.data_dir), filename=IMAGEWOOF_ARCHIVE, md5=self.md5
             ),
             not_found=self._not_found,
             contents="train/ and val/ class folders",

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import hydra
+import pytest
 import torch
 
 from singd_lightning.app.pipeline import build_datamodule, train
@@ -16,8 +17,8 @@ from tests.data.test_data import write_fake_cifar100, write_fake_imagewoof
 LOCAL = ["data.download=false", "data.num_workers=0", "data.pin_memory=false"]
 
 
-def test_cifar100_config_reads_the_pickles(tmp_path: Path) -> None:
-    write_fake_cifar100(tmp_path, n_train=24, n_test=8)
+def test_cifar100_config_reads_the_pickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_fake_cifar100(tmp_path, monkeypatch, n_train=24, n_test=8)
     cfg = compose_cfg(["data=cifar100", f"paths.data_dir={tmp_path}", "data.val_size=4", "data.batch_size=4", *LOCAL])
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
@@ -41,8 +42,8 @@ def test_imagewoof_experiment_config_reads_the_folders(tmp_path: Path) -> None:
     assert len(test_loader.dataset) == 10
 
 
-def test_train_on_fake_cifar100(tmp_path: Path) -> None:
-    write_fake_cifar100(tmp_path / "data", n_train=40, n_test=8)
+def test_train_on_fake_cifar100(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_fake_cifar100(tmp_path / "data", monkeypatch, n_train=40, n_test=8)
     cfg = compose_cfg(
         ["experiment=cifar100_convmixer", "model.name=convmixer_tiny", f"paths.data_dir={tmp_path / 'data'}",
          "data.val_size=8", *LOCAL, *FAST, "data.batch_size=8", "trainer.max_epochs=1"],

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.datasets.utils import calculate_md5
 
 from singd_lightning.data import (
     DATAMODULES,
@@ -113,8 +114,14 @@ def test_digits_other_size_and_seed(digits: DigitsDataModule) -> None:
 # ----------------------------------------------------------------------------- CIFAR-100
 
 
-def write_fake_cifar100(root: Path, n_train: int = 20, n_test: int = 10) -> dict[str, np.ndarray]:
-    """Write ``root/cifar-100-python/{train,test,meta}`` in the official pickle format."""
+def write_fake_cifar100(
+    root: Path, monkeypatch: pytest.MonkeyPatch | None, n_train: int = 20, n_test: int = 10
+) -> dict[str, np.ndarray]:
+    """Write ``root/cifar-100-python/{train,test,meta}`` in the official pickle format.
+
+    With ``monkeypatch``, the files' own MD5s replace the official ones in
+    ``CIFAR100_FILE_MD5S`` for the test, so the data module accepts them.
+    """
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -138,11 +145,14 @@ def write_fake_cifar100(root: Path, n_train: int = 20, n_test: int = 10) -> dict
     }
     with open(folder / "meta", "wb") as f:
         pickle.dump(meta, f, protocol=2)
+    if monkeypatch is not None:
+        md5s = {name: calculate_md5(folder / name) for name in ("train", "test", "meta")}
+        monkeypatch.setattr(cifar_module, "CIFAR100_FILE_MD5S", md5s)
     return arrays
 
 
-def test_cifar100_reads_official_format(tmp_path: Path) -> None:
-    arrays = write_fake_cifar100(tmp_path)
+def test_cifar100_reads_official_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    arrays = write_fake_cifar100(tmp_path, monkeypatch)
     dm = CIFAR100DataModule(tmp_path, batch_size=8, num_workers=0, download=False, val_size=4)
     dm.prepare_data()
     dm.setup("fit")
@@ -180,7 +190,7 @@ def test_cifar100_failed_download_gives_clear_error(tmp_path: Path, monkeypatch)
     def offline(*args, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr(cifar_module, "CIFAR100", offline)
+    monkeypatch.setattr(cifar_module, "download_url", offline)
     dm = CIFAR100DataModule(tmp_path, download=True)
     with pytest.raises(DatasetNotFoundError, match="download failed: no network.*cifar-100-python"):
         dm.prepare_data()
@@ -260,7 +270,7 @@ def test_imagewoof_failed_download_gives_clear_error(tmp_path: Path, monkeypatch
         calls.append((url, kwargs))
         raise OSError("no network")
 
-    monkeypatch.setattr(woof_module, "download_and_extract_archive", offline)
+    monkeypatch.setattr(woof_module, "download_url", offline)
     with pytest.raises(DatasetNotFoundError, match="download failed: no network"):
         ImageWoofDataModule(tmp_path, download=True).prepare_data()
     url, kwargs = calls[0]
