@@ -29,6 +29,8 @@ from singd_lightning.optim.curvature import (
 )
 from singd_lightning.optim.fallback import FALLBACK_STEPS, momentum_step
 from singd_lightning.optim.hyperparameters import (
+    check_grad_scaler,
+    check_range,
     dtype_from_name,
     validate_kronecker_group,
 )
@@ -42,6 +44,14 @@ FALLBACK_DEFAULTS = dict(
     fallback_eps=1e-8,
     fallback_weight_decay=0.0,
 )
+
+#: Default of ``update_clip``: a layer's preconditioned update may be at most this
+#: many times the running RMS of its recent norms. A loss spike multiplies it by
+#: 10²–10¹⁸; in ordinary training the ratio stayed below 14 on the workloads
+#: measured (README, "Guarantees").
+UPDATE_CLIP = 30.0
+#: Decay of the running mean of a layer's squared update norm (~20 steps).
+UPDATE_NORM_DECAY = 0.95
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -73,10 +83,25 @@ def _weighted_copy(t: Tensor, dtype: torch.dtype, weight: float) -> Tensor:
 
 def non_finite(tensors: list[Tensor]) -> bool:
     """Whether any tensor holds an inf or NaN (one synchronisation per device)."""
-    by_device: dict[torch.device, list[Tensor]] = {}
+    return not _finite_and_count(tensors, [])[0]
+
+
+def _finite_and_count(tensors: list[Tensor], flags: list[Tensor]) -> tuple[bool, int]:
+    """Whether every tensor is finite, and how many of the 0-dim bool ``flags``
+    are set: one device-to-host copy per device for both."""
+    by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
     for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
-    return any(not bool(torch.stack([_all_finite(t) for t in ts]).all()) for ts in by_device.values())
+        by_device.setdefault(t.device, ([], []))[0].append(_all_finite(t))
+    for f in flags:
+        by_device.setdefault(f.device, ([], []))[1].append(f.reshape(()).to(torch.int64))
+    finite, count = True, 0
+    for checks, counts in by_device.values():
+        ok = torch.stack(checks).all().to(torch.int64) if checks else torch.ones((), dtype=torch.int64)
+        total = torch.stack(counts).sum() if counts else torch.zeros((), dtype=torch.int64)
+        ok_host, total_host = torch.stack([ok.to(total.device), total]).tolist()
+        finite = finite and bool(ok_host)
+        count += int(total_host)
+    return finite, count
 
 
 class KroneckerOptimizer(Optimizer):
@@ -94,6 +119,9 @@ class KroneckerOptimizer(Optimizer):
         fallback_betas: AdamW's ``(β1, β2)``.
         fallback_eps: AdamW's ε.
         fallback_weight_decay: The fallback's weight decay (decoupled for AdamW).
+        update_clip: Spike guard: a layer's preconditioned update whose norm is
+            more than ``update_clip`` times the running RMS of its earlier norms
+            is scaled down to that bound (None: never, the paper's update).
         grad_scaler: A ``torch.amp.GradScaler`` used with this optimizer, so that
             the curvature statistics are un-scaled exactly (see
             :meth:`attach_grad_scaler`).
@@ -112,12 +140,15 @@ class KroneckerOptimizer(Optimizer):
         fallback_betas: tuple[float, float] = (0.9, 0.999),
         fallback_eps: float = 1e-8,
         fallback_weight_decay: float = 0.0,
+        update_clip: float | None = UPDATE_CLIP,
         grad_scaler: torch.amp.GradScaler | None = None,
         init_grad_scale: float = 1.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         model = unwrap_model(model)
+        check_range("init_grad_scale", init_grad_scale, 0.0, low_inclusive=False)
+        check_grad_scaler(grad_scaler)
         defaults = dict(defaults)
         defaults.update(
             fallback=fallback,
@@ -125,6 +156,7 @@ class KroneckerOptimizer(Optimizer):
             fallback_betas=fallback_betas,
             fallback_eps=fallback_eps,
             fallback_weight_decay=fallback_weight_decay,
+            update_clip=update_clip,
             role="kronecker",
         )
         validate_kronecker_group(defaults)
@@ -143,6 +175,13 @@ class KroneckerOptimizer(Optimizer):
         self.steps = 0  # optimizer steps taken (skipped steps excluded)
         self.skipped_steps = 0
         self.rejected_preconditioner_updates = 0
+        # Spike guard: layer updates scaled down by ``update_clip``, factor
+        # updates bounded by the subclass (SINGD's ``max_factor_step``).
+        self.clipped_updates = 0
+        self.clipped_factor_updates = 0
+        self._factor_clip_flags: list[Tensor] = []
+        # Per layer: running mean of the squared norm of its preconditioned update.
+        self.update_norm_avg: dict[str, Tensor] = {}
         # Per layer, numbers describing the latest accepted preconditioner update
         # (only with ``track_diagnostics``: they cost extra products).
         self.track_diagnostics = False
@@ -366,6 +405,13 @@ class KroneckerOptimizer(Optimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Update the preconditioner (every ``T`` steps) and the parameters.
 
+        Nothing non-finite is ever written: the statistics are checked before the
+        factors are updated, each layer's new factors before they are accepted,
+        and every update (preconditioned or first-order gradient) before any
+        parameter changes. A step with a non-finite update is skipped whole
+        (factors, momenta, counters as before) with a warning, and counted in
+        ``skipped_steps``.
+
         Args:
             closure: Re-evaluates the model and returns the loss; called with
                 gradients enabled (as Lightning's automatic optimisation does).
@@ -377,46 +423,101 @@ class KroneckerOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # An enabled loss scaler already checked the gradients (it only calls
-        # step when they are finite); the statistics may still have overflowed.
-        scaler_checked = self.grad_scaler is not None and self.grad_scaler.is_enabled()
-        grads = [] if scaler_checked else [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        stats = [t for entry in self._stats.values() for t in entry[:2]]
-        if non_finite(grads + stats):
-            # An invalid step changes nothing: factors, momenta, counters stay.
+        with_grad = [
+            [p for p in group["params"] if p.grad is not None] for group in self.param_groups
+        ]
+        if not any(with_grad):
+            # Nothing to update (no backward pass since zero_grad): not a step,
+            # so the T schedule does not move.
             self._clear_statistics()
-            self.skipped_steps += 1
-            warnings.warn("Non-finite gradients or curvature statistics: step skipped.")
+            warnings.warn("step() found no gradients (was backward() called?): nothing was updated.", stacklevel=2)
             return loss
 
         due = [layer for layer in self.layers if self.steps % layer.group["T"] == 0]
+        stats = [t for entry in self._stats.values() for t in entry[:2]]
+        if due and stats and non_finite(stats):
+            return self._skip(loss, "curvature statistics")
+        saved = self._snapshot()
         if due:
             self._update_preconditioners(due)
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+
+        # Every update is computed and checked before any parameter changes.
+        plans, pending_avg, clip_flags, checked = [], {}, [], []
+        for group, params in zip(self.param_groups, with_grad):
+            if not params:
+                continue
             if group["role"] == "kronecker":
-                self._kronecker_step(group, params)
+                targets, updates = self._kronecker_updates(group, params, pending_avg, clip_flags)
+                plans.append((group, targets, updates))
+                checked += updates
             else:
-                FALLBACK_STEPS[group["fallback"]](params, self.state, group)
+                plans.append((group, params, None))
+                checked += [p.grad for p in params]
+        finite, clipped = _finite_and_count(checked, clip_flags)
+        if not finite:
+            self._restore(saved)
+            return self._skip(loss, "updates")
+        if clipped:
+            self.clipped_updates += clipped
+            warnings.warn(
+                "A layer's update was more than update_clip times its running norm (a loss "
+                "spike?): scaled down to that bound; see clipped_updates.",
+                stacklevel=2,
+            )
+        self.update_norm_avg.update(pending_avg)
+        for group, targets, updates in plans:
+            if updates is None:
+                FALLBACK_STEPS[group["fallback"]](targets, self.state, group)
+            elif targets:
+                momentum_step(targets, updates, self.state, group["lr"], group["momentum"], group["weight_decay"])
         self._clear_statistics()
         self.steps += 1
         return loss
 
+    def _skip(self, loss: Tensor | None, what: str) -> Tensor | None:
+        """Skip this step: drop its statistics, count it, warn."""
+        self._clear_statistics()
+        self.skipped_steps += 1
+        warnings.warn(f"Non-finite gradients or {what}: step skipped, nothing changed.", stacklevel=3)
+        return loss
+
+    def _snapshot(self) -> tuple:
+        """What a factor update replaces (references, no copies: updates build new
+        tensors), so that a step found invalid later can be undone."""
+        return (
+            {name: dict(state) for name, state in self.layer_state.items()},
+            self._scale_hint,
+            self.last_diagnostics,
+            self.rejected_preconditioner_updates,
+            self.clipped_factor_updates,
+        )
+
+    def _restore(self, saved: tuple) -> None:
+        layer_state, self._scale_hint, self.last_diagnostics, rejected, clipped = saved
+        self.rejected_preconditioner_updates = rejected
+        self.clipped_factor_updates = clipped
+        for name, state in layer_state.items():
+            self.layer_state[name] = state
+
     def _update_preconditioners(self, layers: list[KroneckerLayer]) -> None:
         reduced = self._reduced_statistics(layers)
         updates = []
+        self._factor_clip_flags = []
         for layer in layers:
             if layer.name in reduced:
                 new_state = self._update_preconditioner(layer, *reduced[layer.name])
                 if new_state is not None:
                     updates.append((layer, new_state))
+        clip_flags, self._factor_clip_flags = self._factor_clip_flags, []
         if not updates:
             return
         # One synchronisation decides which updates are valid; invalid ones
         # (overflow in low precision) leave that layer's state untouched.
-        finite = torch.stack([
-            torch.stack([_all_finite(t) for t in new_state.values()]).all() for _, new_state in updates
-        ]).tolist()
+        checks = [torch.stack([_all_finite(t) for t in new_state.values()]).all() for _, new_state in updates]
+        device = checks[0].device
+        flags = [f.reshape(()).to(device=device, dtype=torch.bool) for f in clip_flags]
+        host = torch.stack(checks + flags).tolist()
+        finite, clipped = host[: len(checks)], host[len(checks):]
         diagnostics = {}
         for (layer, new_state), ok in zip(updates, finite):
             state = self.layer_state[layer.name]
@@ -425,7 +526,15 @@ class KroneckerOptimizer(Optimizer):
                 continue
             if self.track_diagnostics:
                 diagnostics[layer.name] = self._layer_diagnostics(layer, state, new_state)
-            state.update(new_state)
+            # A new dict: the snapshot of this step keeps the old one intact.
+            self.layer_state[layer.name] = {**state, **new_state}
+        if any(clipped):
+            self.clipped_factor_updates += sum(clipped)
+            warnings.warn(
+                "A factor update exceeded max_factor_step (a loss spike?): its step was scaled "
+                "down to that bound; see clipped_factor_updates.",
+                stacklevel=4,
+            )
         self.last_diagnostics = diagnostics
 
     def _layer_diagnostics(self, layer: KroneckerLayer, old: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -437,20 +546,48 @@ class KroneckerOptimizer(Optimizer):
             if key in old and new[key].is_floating_point() and not key.startswith("m_")
         }
 
-    def _kronecker_step(self, group: dict, params: list[nn.Parameter]) -> None:
+    def _kronecker_updates(
+        self, group: dict, params: list[nn.Parameter], pending_avg: dict[str, Tensor], clip_flags: list[Tensor]
+    ) -> tuple[list[nn.Parameter], list[Tensor]]:
+        """The preconditioned updates of ``group``'s parameters that have a gradient
+        (spike guard applied), without changing any state: the guard's new running
+        norms go to ``pending_avg`` and its "clipped" flags to ``clip_flags``."""
         with_grad = {id(p) for p in params}
         updates, targets = [], []
         for layer in self.layers:
-            if layer.group is not group or id(layer.weight) not in with_grad:
+            if layer.group is not group or not any(id(p) in with_grad for p in layer.params):
                 continue
-            grad = layer.gradient_matrix()
-            natural = self._precondition(layer, grad)
+            # A missing weight (or bias) gradient counts as zero; only the
+            # parameters that have a gradient are updated, as in torch.optim.
+            natural = self._precondition(layer, layer.gradient_matrix())
+            if group["update_clip"] is not None:
+                natural = self._clip_update(layer, natural, group["update_clip"], pending_avg, clip_flags)
             for p, d in zip(layer.params, layer.split(natural)):
-                targets.append(p)
-                updates.append(d)
-        if not targets:
-            return
-        momentum_step(targets, updates, self.state, group["lr"], group["momentum"], group["weight_decay"])
+                if id(p) in with_grad:
+                    targets.append(p)
+                    updates.append(d)
+        return targets, updates
+
+    def _clip_update(
+        self, layer: KroneckerLayer, natural: Tensor, clip: float, pending_avg: dict[str, Tensor], clip_flags: list[Tensor]
+    ) -> Tensor:
+        """Scale ``natural`` down to ``clip`` times the running RMS of the layer's
+        update norms if it is larger (exactly unchanged otherwise); no host sync."""
+        norm_sq = natural.float().square().sum()
+        avg = self.update_norm_avg.get(layer.name)
+        if avg is None:  # first update: nothing to compare to
+            pending_avg[layer.name] = norm_sq
+            return natural
+        limit_sq = avg * clip**2
+        # An inf norm of finite entries (overflow in the square) is a spike too;
+        # a NaN norm is not compared (the finiteness check rejects the step).
+        over = (norm_sq > limit_sq) & (avg > 0)
+        scale = torch.where(over, (limit_sq / norm_sq).sqrt(), torch.ones_like(norm_sq))
+        natural.mul_(scale.to(natural.dtype))
+        kept = torch.where(over, limit_sq, norm_sq)
+        pending_avg[layer.name] = avg * UPDATE_NORM_DECAY + kept * (1.0 - UPDATE_NORM_DECAY)
+        clip_flags.append(over)
+        return natural
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -74,16 +74,19 @@ class KroneckerLayer:
         return self.weight.shape[0]
 
     def gradient_matrix(self) -> Tensor | None:
-        """The augmented gradient ``Ĝ``, ``(d_o, d_K)``; None if the weight has none."""
+        """The augmented gradient ``Ĝ``, ``(d_o, d_K)``: a missing weight or bias
+        gradient counts as zero; None if neither has one."""
         grad = self.weight.grad
-        if grad is None:
+        bias_grad = self.module.bias.grad if self.has_bias else None
+        if grad is None and bias_grad is None:
             return None
+        if grad is None:
+            grad = torch.zeros_like(self.weight)
         mat = grad.flatten(start_dim=1)
         if self.has_bias:
-            bias_grad = self.module.bias.grad
             if bias_grad is None:
                 bias_grad = torch.zeros_like(self.module.bias)
-            mat = torch.cat([mat, bias_grad.unsqueeze(1)], dim=1)
+            mat = torch.cat([mat, bias_grad.to(mat.dtype).unsqueeze(1)], dim=1)
         return mat
 
     def split(self, mat: Tensor) -> list[Tensor]:

@@ -38,6 +38,21 @@ def check_range(name: str, value: Any, low: float, high: float = float("inf"),
         raise ValueError(f"{name} must be a number in {interval}, got {value!r}.")
 
 
+def check_bool(name: str, value: Any) -> None:
+    """Raise ``TypeError`` unless ``value`` is a bool (a string such as ``"no"``
+    would otherwise count as True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+
+
+def check_grad_scaler(value: Any) -> None:
+    """Raise ``TypeError`` unless ``value`` is None or a ``torch.amp.GradScaler``."""
+    if value is not None and not isinstance(value, torch.amp.GradScaler):
+        raise TypeError(
+            f"grad_scaler must be None or a torch.amp.GradScaler, got {type(value).__name__}."
+        )
+
+
 def check_choice(name: str, value: Any, choices: tuple) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
     if value not in choices:
@@ -106,3 +121,5 @@ def validate_kronecker_group(group: dict) -> None:
     group["fallback_betas"] = tuple(betas)
     check_range("fallback_eps", group["fallback_eps"], 0.0, low_inclusive=False)
     check_range("fallback_weight_decay", group["fallback_weight_decay"], 0.0)
+    if group["update_clip"] is not None:
+        check_range("update_clip", group["update_clip"], 1.0, low_inclusive=False)

@@ -6,11 +6,17 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from singd_lightning.optim.base import KroneckerOptimizer
 from singd_lightning.optim.curvature import KroneckerLayer, Rows
-from singd_lightning.optim.hyperparameters import check_range, resolve_lr_cov
+from singd_lightning.optim.hyperparameters import check_bool, check_range, resolve_lr_cov
+
+#: Default of ``max_factor_step`` (ρ): the largest ``‖β₁ m‖₂`` of a factor update.
+#: Below 1, ``I − β₁ m`` stays invertible, so one update can neither collapse nor
+#: blow up a factor: ``‖K_new‖₂ ≤ (1 + ρ)‖K‖₂`` and ``σ_min(K_new) ≥ (1 − ρ) σ_min(K)``.
+MAX_FACTOR_STEP = 0.5
 from singd_lightning.structures import Structure, StructureSpec, resolve_structure
 
 
@@ -54,6 +60,10 @@ class SINGD(KroneckerOptimizer):
         kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing dimensions.
         loss_average: ``"batch"``, ``"batch+sequence"`` or None (summed loss).
         normalize_lr_cov: Normalised factor steps: β₁ / max(1, max|m|).
+        max_factor_step: Spike guard of the factors: a factor update ``K ← K − β₁ K m``
+            with ``‖β₁ m‖₂ > max_factor_step`` has its ``m`` (momentum included)
+            scaled down to that bound; in ``(0, 1)``, or None for the paper's
+            update, unbounded.
         preconditioner_dtype: ``(K's, C's)`` dtype; None means the weight's dtype.
         **kwargs: Fallback and loss-scaler options of
             :class:`~singd_lightning.optim.base.KroneckerOptimizer`.
@@ -81,6 +91,7 @@ class SINGD(KroneckerOptimizer):
         kfac_approx: str = "expand",
         loss_average: str | None = "batch",
         normalize_lr_cov: bool = False,
+        max_factor_step: float | None = MAX_FACTOR_STEP,
         preconditioner_dtype: tuple = (None, None),
         **kwargs,
     ) -> None:
@@ -98,12 +109,17 @@ class SINGD(KroneckerOptimizer):
             kfac_approx=kfac_approx,
             loss_average=loss_average,
             normalize_lr_cov=normalize_lr_cov,
+            max_factor_step=max_factor_step,
             preconditioner_dtype=preconditioner_dtype,
         )
         super().__init__(model, params, defaults, **kwargs)
 
     def _validate_group(self, group: dict) -> None:
         check_range("alpha1", group["alpha1"], 0.0, 1.0)
+        check_bool("kfac_like", group["kfac_like"])
+        check_bool("normalize_lr_cov", group["normalize_lr_cov"])
+        if group["max_factor_step"] is not None:
+            check_range("max_factor_step", group["max_factor_step"], 0.0, 1.0, low_inclusive=False)
         lr_cov = group["lr_cov"]
         if not callable(lr_cov):
             check_range("lr_cov", lr_cov, 0.0)
@@ -189,6 +205,15 @@ class SINGD(KroneckerOptimizer):
         if group["normalize_lr_cov"]:
             beta_k = beta / layout_k.max_abs(m_k).clamp(min=1.0)
             beta_c = beta / layout_c.max_abs(m_c).clamp(min=1.0)
+        bound = group["max_factor_step"]
+        if bound is not None:
+            # Scaling m (not only the step) keeps a spike out of the momentum too;
+            # a scale of exactly 1 leaves the paper's update bit for bit.
+            for layout, m, b in ((layout_k, m_k, beta_k), (layout_c, m_c, beta_c)):
+                step = layout.spectral_norm(m) * b
+                over = step > bound
+                m.mul_(torch.where(over, bound / step, torch.ones_like(step)).to(m.dtype))
+                self._factor_clip_flags.append(over)
         # K ← K − β₁ K m_K: a first-order step of K exp(−β₁ m_K), stays in the group.
         new_state["K"] = layout_k.compose(K, m_k).mul_(-beta_k).add_(K)
         new_state["C"] = layout_c.compose(C, m_c).mul_(-beta_c).add_(C)
