@@ -120,8 +120,9 @@ class KroneckerOptimizer(Optimizer):
         fallback_eps: AdamW's ε.
         fallback_weight_decay: The fallback's weight decay (decoupled for AdamW).
         update_clip: Spike guard: a layer's preconditioned update whose norm is
-            more than ``update_clip`` times the running RMS of its earlier norms
-            is scaled down to that bound (None: never, the paper's update).
+            more than ``update_clip`` times the running RMS of its recent norms is
+            an outlier and is scaled down to that running RMS (None: never, the
+            paper's update).
         grad_scaler: A ``torch.amp.GradScaler`` used with this optimizer, so that
             the curvature statistics are un-scaled exactly (see
             :meth:`attach_grad_scaler`).
@@ -461,7 +462,7 @@ class KroneckerOptimizer(Optimizer):
             self.clipped_updates += clipped
             warnings.warn(
                 "A layer's update was more than update_clip times its running norm (a loss "
-                "spike?): scaled down to that bound; see clipped_updates.",
+                "spike?): scaled down to that norm; see clipped_updates.",
                 stacklevel=2,
             )
         self.update_norm_avg.update(pending_avg)
@@ -571,20 +572,23 @@ class KroneckerOptimizer(Optimizer):
     def _clip_update(
         self, layer: KroneckerLayer, natural: Tensor, clip: float, pending_avg: dict[str, Tensor], clip_flags: list[Tensor]
     ) -> Tensor:
-        """Scale ``natural`` down to ``clip`` times the running RMS of the layer's
-        update norms if it is larger (exactly unchanged otherwise); no host sync."""
+        """Scale ``natural`` down to the running RMS of the layer's update norms if
+        it is more than ``clip`` times that (exactly unchanged otherwise); no host
+        sync."""
         norm_sq = natural.float().square().sum()
         avg = self.update_norm_avg.get(layer.name)
         if avg is None:  # first update: nothing to compare to
             pending_avg[layer.name] = norm_sq
             return natural
-        limit_sq = avg * clip**2
         # An inf norm of finite entries (overflow in the square) is a spike too;
         # a NaN norm is not compared (the finiteness check rejects the step).
-        over = (norm_sq > limit_sq) & (avg > 0)
-        scale = torch.where(over, (limit_sq / norm_sq).sqrt(), torch.ones_like(norm_sq))
+        over = (norm_sq > avg * clip**2) & (avg > 0)
+        # A spike is an outlier, not a trend: its update is scaled to the running
+        # RMS (a typical step), not to the detection bound, which would still be
+        # ``clip`` typical steps, carried on by the momentum.
+        scale = torch.where(over, (avg / norm_sq).sqrt(), torch.ones_like(norm_sq))
         natural.mul_(scale.to(natural.dtype))
-        kept = torch.where(over, limit_sq, norm_sq)
+        kept = torch.where(over, avg, norm_sq)
         pending_avg[layer.name] = avg * UPDATE_NORM_DECAY + kept * (1.0 - UPDATE_NORM_DECAY)
         clip_flags.append(over)
         return natural

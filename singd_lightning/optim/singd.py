@@ -61,9 +61,9 @@ class SINGD(KroneckerOptimizer):
         loss_average: ``"batch"``, ``"batch+sequence"`` or None (summed loss).
         normalize_lr_cov: Normalised factor steps: β₁ / max(1, max|m|).
         max_factor_step: Spike guard of the factors: a factor update ``K ← K − β₁ K m``
-            with ``‖β₁ m‖₂ > max_factor_step`` has its ``m`` (momentum included)
-            scaled down to that bound; in ``(0, 1)``, or None for the paper's
-            update, unbounded.
+            with ``‖β₁ m‖₂ > max_factor_step`` has its step ``m`` scaled down to
+            that bound, and leaves the Riemannian momentum as it was; in
+            ``(0, 1)``, or None for the paper's update, unbounded.
         preconditioner_dtype: ``(K's, C's)`` dtype; None means the weight's dtype.
         **kwargs: Fallback and loss-scaler options of
             :class:`~singd_lightning.optim.base.KroneckerOptimizer`.
@@ -207,13 +207,16 @@ class SINGD(KroneckerOptimizer):
             beta_c = beta / layout_c.max_abs(m_c).clamp(min=1.0)
         bound = group["max_factor_step"]
         if bound is not None:
-            # Scaling m (not only the step) keeps a spike out of the momentum too;
-            # a scale of exactly 1 leaves the paper's update bit for bit.
-            for layout, m, b in ((layout_k, m_k, beta_k), (layout_c, m_c, beta_c)):
+            # A scale of exactly 1 leaves the paper's update bit for bit.
+            for key, layout, m, b in (("m_K", layout_k, m_k, beta_k), ("m_C", layout_c, m_c, beta_c)):
                 step = layout.spectral_norm(m) * b
                 over = step > bound
                 m.mul_(torch.where(over, bound / step, torch.ones_like(step)).to(m.dtype))
                 self._factor_clip_flags.append(over)
+                if key in new_state:
+                    # An outlier is applied (bounded) once, not carried on by the
+                    # momentum: the momentum stays as it was.
+                    new_state[key] = torch.where(over, state[key], m)
         # K ← K − β₁ K m_K: a first-order step of K exp(−β₁ m_K), stays in the group.
         new_state["K"] = layout_k.compose(K, m_k).mul_(-beta_k).add_(K)
         new_state["C"] = layout_c.compose(C, m_c).mul_(-beta_c).add_(C)
