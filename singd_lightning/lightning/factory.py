@@ -106,6 +106,11 @@ def _scheduler_config(optimizer: Optimizer, scheduler: SchedulerSpec) -> dict[st
         return None
     if isinstance(scheduler, Mapping):
         config = dict(scheduler)
+        if "scheduler" not in config:
+            raise ValueError(
+                "scheduler: a Lightning lr_scheduler dict needs a 'scheduler' entry (a callable "
+                f"optimizer -> LRScheduler), got the keys {sorted(config)}."
+            )
         factory = config["scheduler"]
         config["scheduler"] = factory(optimizer) if callable(factory) and not isinstance(factory, LRScheduler) else factory
         return config

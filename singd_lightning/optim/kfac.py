@@ -79,6 +79,13 @@ class KFAC(KroneckerOptimizer):
             "updates": torch.zeros((), dtype=torch.int64),
         }
 
+    def _layer_layout(self, layer: KroneckerLayer) -> dict:
+        return {"method": "kfac", "A": {"dim": layer.dim_in}, "G": {"dim": layer.dim_out}}
+
+    def _layer_tensor_shapes(self, layer: KroneckerLayer) -> tuple[dict, dict]:
+        d_in, d_out = layer.dim_in, layer.dim_out
+        return {"A": (d_in, d_in), "G": (d_out, d_out), "A_inv": (d_in, d_in), "G_inv": (d_out, d_out), "updates": ()}, {}
+
     def _statistics_numel(self, layer: KroneckerLayer) -> tuple[int, int]:
         return layer.dim_in**2, layer.dim_out**2
 

@@ -161,6 +161,19 @@ class SINGD(KroneckerOptimizer):
             state["m_C"] = layout_c.zeros(dtype=dtype_c, device=device)
         return state
 
+    def _layer_layout(self, layer: KroneckerLayer) -> dict:
+        layout_k, layout_c = self.layouts(layer)
+        return {
+            "method": "singd",
+            "K": {"structure": layout_k.name, "dim": layout_k.dim, **layout_k.options()},
+            "C": {"structure": layout_c.name, "dim": layout_c.dim, **layout_c.options()},
+        }
+
+    def _layer_tensor_shapes(self, layer: KroneckerLayer) -> tuple[dict, dict]:
+        layout_k, layout_c = self.layouts(layer)
+        shapes = {"K": (layout_k.numel,), "C": (layout_c.numel,)}
+        return shapes, {"m_K": shapes["K"], "m_C": shapes["C"]}
+
     def _statistics_numel(self, layer: KroneckerLayer) -> tuple[int, int]:
         layout_k, layout_c = self.layouts(layer)
         return layout_k.numel, layout_c.numel
