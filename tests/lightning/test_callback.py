@@ -229,6 +229,36 @@ def test_resume_from_last_checkpoint_is_bit_identical(tmp_path):
     assert [g["lr"] for g in a.param_groups] == [g["lr"] for g in b.param_groups]
 
 
+@pytest.mark.parametrize(
+    "saved,resumed,match",
+    [
+        ({"structures": ("diagonal", "diagonal")}, {"structures": ("tril_toeplitz", "tril_toeplitz")},
+         "was saved as .*diagonal.*expects .*tril_toeplitz"),
+        ({"optimizer": "kfac"}, {}, "was saved as .*kfac.*expects .*singd"),
+    ],
+    ids=["diagonal-into-toeplitz", "kfac-into-singd"],
+)
+def test_resume_with_another_layout_fails_at_load_naming_the_layer(tmp_path, saved, resumed, match):
+    """Lightning resume goes through the optimizer's checked load: a checkpoint
+    of another structure or method is refused before training continues."""
+
+    def run(epochs: int, options: dict, ckpt_path=None):
+        options = dict(options)
+        name = options.pop("optimizer", "singd")
+        options = singd_options(**options)
+        if name == "kfac":
+            options.pop("lr_cov")
+        callbacks = [SINGDCallback(name, **options),
+                     ModelCheckpoint(dirpath=tmp_path, save_last=True)]
+        trainer = pl.Trainer(**{**QUIET, "enable_checkpointing": True, "callbacks": callbacks}, max_epochs=epochs)
+        trainer.fit(PlainModule(batch_size=8, n=24), ckpt_path=ckpt_path)
+        return trainer
+
+    run(1, saved)
+    with pytest.raises(ValueError, match=match):
+        run(2, resumed, ckpt_path=tmp_path / "last.ckpt")
+
+
 # ------------------------------------------------------- manual optimisation
 class ManualModule(PlainModule):
     def __init__(self, use_factory: bool, **kwargs):
