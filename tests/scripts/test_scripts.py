@@ -59,3 +59,21 @@ def test_scaling_sweep_plots(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     storage = {(r["structure"], r["dim"]): r["storage"] for r in json.loads(data.read_text())}
     assert storage[("dense", 16)] == 256 and storage[("diagonal", 16)] == 16
+
+
+def test_spike_guard_report_runs(tmp_path):
+    out = tmp_path / "spike_guard.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "spike_guard.py"), "--epochs", "1", "--limit-batches", "4",
+         "--structures", "diagonal", "--spikes", "1e6", "--spike-steps", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    runs = json.loads(out.read_text())
+    ordinary = runs[0]
+    # Without a spike nothing is clipped and the guarded run equals the paper's.
+    assert ordinary["clipped_updates"] == ordinary["clipped_factor_updates"] == 0
+    assert ordinary["extra"]["bit_identical_to_unguarded"] is True
+    spiked = [r for r in runs if r["spike"] == 1e6 and r["method"] == "singd"]
+    assert spiked and spiked[0]["clipped_updates"] > 0
+    assert "| ×1e+06 | 2 |" in result.stdout
