@@ -52,7 +52,9 @@ class SINGDDiagnostics(Callback):
       of τ(K Kᵀ) = trace/dim after the latest preconditioner update;
     * ``skipped_steps``: steps skipped for non-finite values, by the optimizer or
       by the loss scaler (under ``"16-mixed"``), and
-      ``rejected_preconditioner_updates``; ``grad_scale`` under a loss scaler;
+      ``rejected_preconditioner_updates``; ``clipped_updates`` and
+      ``clipped_factor_updates`` (the spike guards acted); ``grad_scale`` under a
+      loss scaler;
     * ``peak_memory_mib``: the device's peak allocated memory since the last log
       (on CUDA only).
 
@@ -194,6 +196,8 @@ class SINGDDiagnostics(Callback):
         metrics["rejected_preconditioner_updates"] = float(
             sum(o.rejected_preconditioner_updates for o in self._optimizers)
         )
+        metrics["clipped_updates"] = float(sum(o.clipped_updates for o in self._optimizers))
+        metrics["clipped_factor_updates"] = float(sum(o.clipped_factor_updates for o in self._optimizers))
         scaler = trainer_grad_scaler(trainer)
         if scaler is not None and scaler.is_enabled():
             metrics["grad_scale"] = float(scaler.get_scale())

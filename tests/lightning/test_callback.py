@@ -415,6 +415,7 @@ def test_diagnostics_are_logged(tmp_path):
         assert 0 < float(row["singd/tau_KKt_min"]) <= float(row["singd/tau_KKt_max"])
         assert 0 < float(row["singd/tau_CCt_min"]) <= float(row["singd/tau_CCt_max"])
         assert float(row["singd/skipped_steps"]) == 0.0
+        assert float(row["singd/clipped_updates"]) == float(row["singd/clipped_factor_updates"]) == 0.0
 
 
 def test_diagnostics_can_be_turned_off(tmp_path):
