@@ -1,8 +1,9 @@
-"""Callbacks of the app: training-step time, peak memory, divergence."""
+"""Callbacks of the app: training-step time, peak memory, divergence, RNG state in checkpoints."""
 
 from __future__ import annotations
 
 import math
+import random
 import resource
 import sys
 import time
@@ -10,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
@@ -194,4 +196,81 @@ class DivergenceDetector(Callback):
             pl_module.print(f"Training loss is {value} at step {trainer.global_step}: diverged, stopping.")
 
 
-__all__ = ["DivergenceDetector", "PerformanceMonitor", "process_peak_rss_mb"]
+def rng_states() -> dict[str, Any]:
+    """The global random states of torch (CPU and every initialised CUDA device), NumPy
+    and Python's ``random``, as tensors and plain values (loadable with ``weights_only``)."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64), "gauss_next": gauss},
+    }
+    # Initialising CUDA only to read its generators would cost a CPU run a CUDA context.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned (CUDA states for the devices present)."""
+    # .cpu(): a checkpoint loaded with a GPU map_location holds these on the GPU
+    torch.set_rng_state(states["torch"].cpu())
+    numpy = states["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].cpu().numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    python = states["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss_next"]))
+    cuda = states.get("cuda")
+    if cuda and torch.cuda.is_available():
+        for device, state in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state.cpu(), device)
+
+
+class RNGStateCheckpoint(Callback):
+    """Saves the global random states with every checkpoint and restores them when a
+    run resumes, so dropout, random augmentation in the main process and anything else
+    drawing from the global generators continues as in the uninterrupted run.
+
+    The states are taken when the checkpoint is written (the end of an epoch, after
+    its validation) and put back at the start of the first epoch the resumed run
+    trains: restoring, setting up and the resumed run's bookkeeping draw nothing from
+    them in between. Together with a loader that shuffles by seed and epoch (see
+    :mod:`singd_lightning.data.sampler`) a run resumed from an epoch-end checkpoint
+    is bit-identical to the uninterrupted one (same device and settings). Under DDP
+    the checkpoint holds rank 0's states; every rank gets them back.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the states of :meth:`state_dict` (a checkpoint's) for the next epoch start."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"RNGStateCheckpoint.load_state_dict expects the dict of state_dict(), got {type(state_dict).__name__}."
+            )
+        states = state_dict.get("rng")
+        if not isinstance(states, Mapping) or not {"torch", "numpy", "python"} <= set(states):
+            raise ValueError("the checkpoint's RNGStateCheckpoint entry lacks the torch, numpy and python RNG states.")
+        self._pending = dict(states)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is not None:
+            set_rng_states(self._pending)
+            self._pending = None
+
+
+__all__ = [
+    "DivergenceDetector",
+    "PerformanceMonitor",
+    "RNGStateCheckpoint",
+    "process_peak_rss_mb",
+    "rng_states",
+    "set_rng_states",
+]

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.utils import check_integrity
 
 from singd_lightning.data._archives import ArchiveRefusedError, extract_tar_safely
+from singd_lightning.data.sampler import epoch_seeded_loader
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -121,10 +122,16 @@ class ImageClassificationDataModule(L.LightningDataModule):
     ``train_set``, ``val_set`` and ``test_set`` in ``setup``.
 
     Args:
-        batch_size: Batch size of every loader.
-        num_workers: Loader worker processes.
+        batch_size: Batch size of every loader (>= 1).
+        num_workers: Loader worker processes (>= 0).
         pin_memory: Pin host memory in the loaders.
         drop_last: Drop the last incomplete training batch.
+        shuffle_seed: Seed of the training loader's shuffling; None: torch's initial
+            seed (the run's seed after ``seed_everything``). Saved in checkpoints.
+
+    The training loader shuffles by ``(shuffle_seed, epoch)`` alone (see
+    :func:`~singd_lightning.data.sampler.epoch_seeded_loader`), so a run resumed from
+    an epoch-end checkpoint sees the same batches as the uninterrupted run.
     """
 
     num_classes: int
@@ -137,28 +144,71 @@ class ImageClassificationDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         drop_last: bool = False,
+        shuffle_seed: int | None = None,
     ) -> None:
+        for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+        if shuffle_seed is not None and (isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int)):
+            raise ValueError(f"shuffle_seed must be an integer or None, got {shuffle_seed!r}.")
         super().__init__()
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.drop_last = drop_last
+        self.shuffle_seed = shuffle_seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    def _fit_epoch(self) -> int:
+        """The epoch the attached trainer's fit loop trains next (0 without a trainer).
+
+        It is the value the fit loop passes to ``set_epoch``; the loader must start
+        there because Lightning creates the first iterator of a resumed run (whose
+        workers prefetch indices) before it calls ``set_epoch``.
+        """
+        fit_loop = getattr(self.trainer, "fit_loop", None)
+        epoch = getattr(getattr(getattr(fit_loop, "epoch_progress", None), "current", None), "processed", 0)
+        return epoch if isinstance(epoch, int) and epoch >= 0 else 0
+
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for loaders")
+        if train:
+            if self.shuffle_seed is None:
+                self.shuffle_seed = torch.initial_seed()
+            return epoch_seeded_loader(
+                dataset,
+                seed=self.shuffle_seed,
+                epoch=self._fit_epoch(),
+                batch_size=self.batch_size,
+                drop_last=self.drop_last,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train and self.drop_last,
+            shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The shuffle seed, so a resumed run shuffles as the uninterrupted one did."""
+        return {"shuffle_seed": self.shuffle_seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take the shuffle seed of :meth:`state_dict` (a checkpoint's)."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"load_state_dict expects the dict of state_dict(), got {type(state_dict).__name__}.")
+        seed = state_dict.get("shuffle_seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"the state's shuffle_seed must be an integer or None, got {seed!r}.")
+        if seed is not None:
+            self.shuffle_seed = seed
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
