@@ -25,6 +25,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from singd_lightning.app.callbacks import DivergenceDetector, PerformanceMonitor
+from singd_lightning.app.errors import (
+    CheckpointError,
+    ConfigError,
+    one_line,
+    restoring_checkpoint,
+    user_error_message,
+)
 from singd_lightning.app.hydra_utils import (
     finish_wandb,
     install_ddp_hydra_fix,
@@ -32,6 +39,7 @@ from singd_lightning.app.hydra_utils import (
 )
 from singd_lightning.app.module import ImageClassifier
 from singd_lightning.app.results import empty_results, write_results
+from singd_lightning.app.validation import check_checkpoint, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +62,18 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
 
 
 def build_model(cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
-    """The network of ``cfg.model``, sized for the data module's classes and channels."""
+    """The network of ``cfg.model``, sized for the data module's classes and channels.
+
+    Raises:
+        ConfigError: ``cfg.model`` has a key the model does not take.
+    """
     factory = hydra.utils.instantiate(cfg.model)
-    return factory(num_classes=datamodule.num_classes, in_chans=datamodule.in_chans)
+    try:
+        return factory(num_classes=datamodule.num_classes, in_chans=datamodule.in_chans)
+    except TypeError as err:
+        if "unexpected keyword argument" in str(err):  # a key of cfg.model the network lacks
+            raise ConfigError(f"model: {err}.") from err
+        raise
 
 
 def build_module(cfg: DictConfig, net: torch.nn.Module) -> ImageClassifier:
@@ -170,29 +187,64 @@ def _metric(metrics: Mapping[str, Any], key: str) -> float | None:
 # ------------------------------------------------------------------ training
 
 
+def _run_dir(cfg: DictConfig) -> Path:
+    """``cfg.paths.output_dir``; Hydra's output directory if that key does not resolve,
+    so that even a run whose config is broken gets its ``results.json``."""
+    try:
+        return Path(cfg.paths.output_dir)
+    except Exception:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return Path(HydraConfig.get().runtime.output_dir)
+        raise
+
+
+def _fit(trainer: L.Trainer, module: L.LightningModule, datamodule: Any, ckpt_path: str | None) -> None:
+    """``trainer.fit``; an error while Lightning restores ``ckpt_path`` (another model,
+    optimizer structure or format) becomes a :class:`CheckpointError` naming it."""
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except Exception as err:
+        if ckpt_path is not None and restoring_checkpoint(err):
+            detail = one_line(str(err), 300) or type(err).__name__  # a state dict's key lists are long
+            raise CheckpointError(f"ckpt_path '{ckpt_path}' does not fit this run: {detail}") from err
+        raise
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train, test and write ``results.json`` into ``cfg.paths.output_dir``.
 
+    The config is checked first (:func:`~singd_lightning.app.validation.validate_config`,
+    and ``ckpt_path`` with :func:`~singd_lightning.app.validation.check_checkpoint`).
     The result's ``status`` is ``"ok"``, ``"diverged"`` (the training loss became
     NaN/inf; training stopped there and testing was skipped) or ``"failed"`` (an
-    exception; it is re-raised after ``results.json`` is written).
+    exception, from the config checks on; it is re-raised after ``results.json`` is
+    written, with ``error``: a user error's one line (see
+    :func:`~singd_lightning.app.errors.user_error_message`), else type and message).
 
     Returns:
         The result dict, plus ``metrics``: every logged metric as a float.
+
+    Raises:
+        ConfigError: A config value the run cannot use (the message names the key).
+        CheckpointError: ``ckpt_path`` is missing, empty, unreadable or does not fit
+            the run's model or optimizer.
     """
     start = time.time()
-    run_dir = Path(cfg.paths.output_dir)
+    run_dir = _run_dir(cfg)
     results = empty_results()
-    results.update(describe_run(cfg))
-    results.update(
-        run_dir=str(run_dir),
-        seed=cfg.get("seed"),
-        max_epochs=cfg.trainer.get("max_epochs"),
-        overrides=_task_overrides(),
-    )
+    results["run_dir"] = str(run_dir)
     metrics: dict[str, float] = {}
     trainer: L.Trainer | None = None
     try:
+        results["overrides"] = _task_overrides()
+        results.update(describe_run(cfg))
+        results.update(seed=cfg.get("seed"), max_epochs=cfg.trainer.get("max_epochs"))
+        validate_config(cfg)
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path is not None:
+            ckpt_path = str(check_checkpoint(ckpt_path))
         if cfg.get("seed") is not None:
             L.seed_everything(cfg.seed, workers=True)
         if cfg.get("num_threads"):
@@ -215,7 +267,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         for logger in trainer.loggers:
             logger.log_hyperparams(resolved)
 
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        _fit(trainer, module, datamodule, ckpt_path)
         metrics.update(_floats(trainer.callback_metrics))
         divergence = _find(trainer.callbacks, DivergenceDetector)
         diverged = divergence is not None and divergence.diverged
@@ -246,7 +298,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results["status"] = "diverged" if diverged else "ok"
     except BaseException as err:
         results["status"] = "failed"
-        results["error"] = f"{type(err).__name__}: {err}"
+        # a user error as the one line the command line prints; a bug as type and message
+        results["error"] = user_error_message(err) or f"{type(err).__name__}: {err}"
         results["traceback"] = traceback.format_exc()
         raise
     finally:

@@ -11,15 +11,21 @@ Composes ``conf/train.yaml`` with the command-line overrides and runs
 
 The configs are found in ``conf/`` of the source checkout (editable install) or in
 ``$SINGD_CONFIG_DIR``; a wheel does not include them.
+
+A user error (a bad config value, a missing data set or checkpoint) prints one line,
+``Error: <message>``, and exits with status 1 (see :mod:`singd_lightning.app.errors`);
+``HYDRA_FULL_ERROR=1`` shows its traceback. Every job writes ``results.json``.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
+from singd_lightning.app.errors import USER_ERROR_EXIT, full_error_requested, report_user_error
 from singd_lightning.app.hydra_utils import DistributedJobScope, config_dir
 
 
@@ -30,17 +36,34 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return run_pipeline(cfg)
 
 
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+
+
 def _task(cfg: DictConfig) -> float:
     from singd_lightning.app.pipeline import objective
 
-    with DistributedJobScope():
-        results = train(cfg)
+    try:
+        with DistributedJobScope():
+            results = train(cfg)
+    except Exception as err:
+        report_user_error(err, multirun=_multirun())  # one line for a user error
+        raise  # a bug: Hydra prints the traceback
     return objective(cfg, results)
 
 
 def main() -> Any:
     """Console-script entry point (``singd-train``): the Hydra app on ``conf/``."""
-    app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")(_task)
+    try:
+        configs = config_dir()
+    except FileNotFoundError as err:
+        if full_error_requested():
+            raise
+        print(f"Error: {err}", file=sys.stderr)
+        raise SystemExit(USER_ERROR_EXIT) from None
+    app = hydra.main(version_base="1.3", config_path=str(configs), config_name="train")(_task)
     return app()
 
 

@@ -49,8 +49,8 @@ class DigitsDataModule(ImageClassificationDataModule):
     Args:
         batch_size: Batch size of every loader.
         num_workers: Loader worker processes (0 is fastest for in-memory data).
-        image_size: Side length the 8 px images are resized to.
-        in_chans: Number of channels (the gray channel is repeated).
+        image_size: Side length the 8 px images are resized to (>= 1).
+        in_chans: Number of channels (the gray channel is repeated; >= 1).
         seed: Seed of the fixed split permutation.
         pin_memory: Pin host memory in the loaders.
         drop_last: Drop the last incomplete training batch.
@@ -68,6 +68,9 @@ class DigitsDataModule(ImageClassificationDataModule):
         pin_memory: bool = False,
         drop_last: bool = False,
     ) -> None:
+        for name, value in (("image_size", image_size), ("in_chans", in_chans)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
         super().__init__(batch_size, num_workers, pin_memory, drop_last)
         self.save_hyperparameters()
         self.image_size = image_size
