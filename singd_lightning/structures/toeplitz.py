@@ -6,6 +6,15 @@ causal convolutions, so every operation here runs in ``O(d log d)`` per column
 through real FFTs of length ``≥ 2d − 1`` (no circular wrap-around). Where a dense
 product is cheaper (small ``d``, or a statistic over many more columns than ``d``),
 a rough cost model picks it instead: FFTs beat matrix products only for long rows.
+
+Precision: the FFTs run in float64 whatever the input dtype. A transform's rounding
+error is about eps·log N times the *norms* of its signals, the same for every output
+entry, so in float32 the entries that are small next to those norms (long lags of a
+correlation, products with a decaying ``t``) lose most of their digits: 1e-2 relative
+at d = 1000, where a dense float32 product keeps every entry to ~1e-7 of the sum of
+its terms' magnitudes. In float64 that error drops below float32 rounding. The
+inputs are copied into zero-padded buffers anyway, so the upcast costs no extra pass,
+only wider transforms; the dense routes stay in the input's (at least float32) dtype.
 """
 
 from __future__ import annotations
@@ -21,11 +30,15 @@ from singd_lightning.structures._utils import compute_dtype, dense_matmul_outer,
 from singd_lightning.structures.base import Structure
 
 
-# Cost of one length-N real FFT (forward or inverse) of a row, in multiply-adds of a
-# matrix product, per N·log2(N): measured on CPU with float32 (MKL). The FFT routes
-# are memory-bound, matrix products are not, hence the large constant.
-FFT_COST = 23.0
-# Elements per block of the FFT pipelines (2 MiB of float32), so that their
+# Cost of one length-N real FFT (forward or inverse) of a row in float64, in
+# multiply-adds of a float32 matrix product, per N·log2(N), on CPU (MKL): 23 was
+# measured for the float32 pipelines, and the float64 ones take 1.4–1.7× as long
+# (d = 576–2304). The FFT routes are memory-bound, matrix products are not, hence
+# the large constant.
+FFT_COST = 37.0
+# The dtype of every transform (see the module docstring).
+_FFT_DTYPE = torch.float64
+# Elements per block of the FFT pipelines (4 MiB of float64), so that their
 # buffers stay in cache: the transforms are memory-bound on large blocks.
 _BLOCK_ELEMENTS = 1 << 19
 
@@ -54,20 +67,29 @@ def _fft_len(dim: int) -> int:
     return best
 
 
+def _flat_batch(t: Tensor, x: Tensor) -> tuple[tuple[int, ...], Tensor, Tensor]:
+    """``t`` (``(*batch_t, d)``) and ``x`` (``(*batch_x, d, n)``) broadcast to one
+    batch and flattened: returns ``(batch, t of shape (B, d), x of shape (B, d, n))``."""
+    batch = torch.broadcast_shapes(t.shape[:-1], x.shape[:-2])
+    d, n = x.shape[-2:]
+    size = math.prod(batch)  # not -1: x may have no columns
+    return batch, t.expand(*batch, d).reshape(size, d), x.expand(*batch, d, n).reshape(size, d, n)
+
+
 def _padded_row_blocks(x: Tensor, n_fft: int) -> Iterator[tuple[int, Tensor]]:
-    """The columns of ``x`` (``(B, d, n)``) as rows of zero-padded blocks: yields
-    ``(start, buffer)`` with ``buffer`` of shape ``(B, m, n_fft)`` holding columns
-    ``start … start + m − 1`` of ``x`` followed by zeros, a cache-sized block at a
-    time. The buffer is reused between blocks (its tail stays zero): padding by the
-    transforms' ``n=`` would copy and fill on every call. Callers must not write to
-    it."""
+    """The columns of ``x`` (``(B, d, n)``) as rows of zero-padded float64 blocks:
+    yields ``(start, buffer)`` with ``buffer`` of shape ``(B, m, n_fft)`` holding
+    columns ``start … start + m − 1`` of ``x`` followed by zeros, a cache-sized block
+    at a time. The buffer is reused between blocks (its tail stays zero): padding by
+    the transforms' ``n=`` would copy and fill on every call, and the copy into it is
+    the upcast. Callers must not write to it."""
     d, n = x.shape[-2:]
     block = max(1, min(n, _BLOCK_ELEMENTS // n_fft))
     buffer = None
     for start in range(0, n, block):
         m = min(block, n - start)
         if buffer is None or buffer.shape[1] != m:
-            buffer = x.new_zeros(x.shape[0], m, n_fft)
+            buffer = x.new_zeros(x.shape[0], m, n_fft, dtype=_FFT_DTYPE)
         buffer[..., :d].copy_(x[..., start : start + m].mT)
         yield start, buffer
 
@@ -107,55 +129,56 @@ class _TriangularToeplitz(Structure):
         return out
 
     # The products below use: L @ x = causal convolution of t with x (along rows);
-    # Lᵀ @ x = correlation, i.e. the same with the conjugate spectrum of t.
-    def _apply_to_rows(self, data: Tensor, rows: Tensor, transpose: bool) -> Tensor:
-        """``(S @ rowsᵀ)ᵀ`` for ``rows`` of shape ``(*batch, n, d)``: the FFTs run
-        along the contiguous last dimension (much faster than along the rows)."""
-        n_fft = _fft_len(self.dim)
-        spec_t = rfft(data, n=n_fft, dim=-1).unsqueeze(-2)
-        if transpose == self.lower:  # Lᵀ @ x, or U @ x = Lᵀ @ x
-            spec_t = spec_t.conj()
-        return irfft(rfft(rows, n=n_fft, dim=-1) * spec_t, n=n_fft, dim=-1)[..., : self.dim]
+    # Lᵀ @ x = correlation, i.e. the same with the conjugate spectrum of t. The FFTs
+    # run along the rows of xᵀ, the contiguous last dimension of the block buffers
+    # (much faster than along x's rows).
+    def _spectrum(self, t: Tensor, transpose: bool) -> Tensor:
+        """The float64 spectrum of ``t`` (``(B, d)``), ``(B, 1, n_fft // 2 + 1)``: a
+        row's spectrum times it is that of ``Sᵀ`` (``transpose``) or ``S`` times the
+        row."""
+        spec = rfft(t.to(_FFT_DTYPE), n=_fft_len(self.dim)).unsqueeze(-2)
+        return spec.conj() if transpose == self.lower else spec  # Lᵀ, or U = Lᵀ
 
     def matmul(self, data: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
         out_dtype = torch.promote_types(data.dtype, x.dtype)
         dtype = compute_dtype(out_dtype)
-        data, x = data.to(dtype), x.to(dtype)
-        if self.dim**2 <= _fft_cost(self.dim, 1, passes=2):  # short rows: dense product
-            mat = self.to_dense(data)
-            return ((mat.mT if transpose else mat) @ x).to(out_dtype)
-        return self._apply_to_rows(data, x.mT, transpose).mT.to(out_dtype)
+        d, n_fft = self.dim, _fft_len(self.dim)
+        if d**2 <= _fft_cost(d, 1, passes=2):  # short rows: dense product
+            mat = self.to_dense(data.to(dtype))
+            return ((mat.mT if transpose else mat) @ x.to(dtype)).to(out_dtype)
+        batch, t, x = _flat_batch(data, x)
+        spec = self._spectrum(t, transpose)
+        out = x.new_empty(x.shape[0], x.shape[-1], d, dtype=dtype)  # the result's transpose
+        for start, rows in _padded_row_blocks(x, n_fft):
+            out[:, start : start + rows.shape[1]] = irfft(rfft(rows, dim=-1).mul_(spec), n=n_fft, dim=-1)[..., :d]
+        return out.mT.reshape(*batch, d, x.shape[-1]).to(out_dtype)
 
     def matmul_outer(self, data: Tensor, x: Tensor) -> Tensor:
         out_dtype = torch.promote_types(data.dtype, x.dtype)
         dtype = compute_dtype(out_dtype)
-        data, x = data.to(dtype), x.to(dtype)
         d, n_fft = self.dim, _fft_len(self.dim)
         if d**2 <= _fft_cost(d, 1, passes=2):
-            return dense_matmul_outer(self.to_dense(data), x).to(out_dtype)
+            return dense_matmul_outer(self.to_dense(data.to(dtype)), x.to(dtype)).to(out_dtype)
         # Row by row (the columns of x): Sᵀ then S in the frequency domain, with
         # the tail of Sᵀ x zeroed between the two (its truncation to d entries),
         # over blocks of columns whose buffers stay in cache.
-        batch = torch.broadcast_shapes(data.shape[:-1], x.shape[:-2])
-        n = x.shape[-1]
-        x = x.expand(*batch, d, n).reshape(math.prod(batch), d, n)
-        spec_t = rfft(data.expand(*batch, d).reshape(-1, d), n=n_fft).unsqueeze(-2)
-        first, second = (spec_t.conj(), spec_t) if self.lower else (spec_t, spec_t.conj())
-        out = x.new_empty(x.shape[0], n, d)  # the result's transpose
+        batch, t, x = _flat_batch(data, x)
+        first, second = self._spectrum(t, transpose=True), self._spectrum(t, transpose=False)
+        out = x.new_empty(x.shape[0], x.shape[-1], d, dtype=dtype)  # the result's transpose
         # Transforms write fresh, block-sized outputs, which the allocator reuses
         # (``out=`` transforms copy once more).
         for start, rows in _padded_row_blocks(x, n_fft):
             middle = irfft(rfft(rows, dim=-1).mul_(first), n=n_fft, dim=-1)
             middle[..., d:].zero_()
             out[:, start : start + rows.shape[1]] = irfft(rfft(middle, dim=-1).mul_(second), n=n_fft, dim=-1)[..., :d]
-        return out.mT.reshape(*batch, d, n).to(out_dtype)
+        return out.mT.reshape(*batch, d, x.shape[-1]).to(out_dtype)
 
     def compose(self, a: Tensor, b: Tensor) -> Tensor:
         # L_a L_b is lower Toeplitz with the truncated convolution a * b; U_a U_b =
         # (L_b L_a)ᵀ and convolution commutes, so the same formula holds.
+        # Transforms of two length-d vectors: float64 costs nothing here.
         d, n_fft = self.dim, _fft_len(self.dim)
-        dtype = compute_dtype(a.dtype)
-        prod = rfft(a.to(dtype), n=n_fft) * rfft(b.to(dtype), n=n_fft)
+        prod = rfft(a.to(_FFT_DTYPE), n=n_fft) * rfft(b.to(_FFT_DTYPE), n=n_fft)
         return irfft(prod, n=n_fft)[..., :d].to(a.dtype)
 
     def _normalize(self, diag_sums: Tensor) -> Tensor:
@@ -171,24 +194,24 @@ class _TriangularToeplitz(Structure):
         y_work = y.to(compute_dtype(y.dtype))
         if self.dim**2 <= _fft_cost(self.dim, 1, passes=1):  # short rows: dense Gram
             return self.project(symmetric_matmul(y_work, y_work.mT)).to(y.dtype)
-        return self._project_outer_fft(y_work).to(y.dtype)
+        return self._project_outer_fft(y).to(y.dtype)
 
     def project_gram(self, data: Tensor, x: Tensor) -> Tensor:
         out_dtype = torch.promote_types(data.dtype, x.dtype)
         dtype = compute_dtype(out_dtype)
-        t, x = data.to(dtype), x.to(dtype)
         if self._gram_first(x.shape[-1]):
+            t, x = data.to(dtype), x.to(dtype)
             return self._project_sandwich(t, symmetric_matmul(x, x.mT)).to(out_dtype)
-        return self._project_outer_fft(x, t).to(out_dtype)
+        return self._project_outer_fft(x, data).to(out_dtype)
 
     def project_gram_rows(self, data: Tensor, rows) -> Tensor:
         out_dtype = torch.promote_types(data.dtype, rows.dtype)
         dtype = compute_dtype(out_dtype)
-        t = data.to(dtype)
         if self._gram_first(rows.n):
             gram = rows.gram().to(dtype)
-            return self._project_sandwich(t, gram).to(out_dtype)
-        return rows.reduce(lambda x: self._project_outer_fft(x.to(dtype), t), row_major=True).to(out_dtype)
+            return self._project_sandwich(data.to(dtype), gram).to(out_dtype)
+        # The chunks' float64 statistics are summed in float64 (one rounding at the end).
+        return rows.reduce(lambda x: self._project_outer_fft(x, data), row_major=True).to(out_dtype)
 
     def _gram_first(self, n: int) -> bool:
         """Whether Π(Sᵀ X Xᵀ S) for ``n`` columns is cheaper through the Gram matrix
@@ -205,19 +228,18 @@ class _TriangularToeplitz(Structure):
 
     def _project_outer_fft(self, x: Tensor, t: Tensor | None = None) -> Tensor:
         """Π(y yᵀ) for ``y = Sᵀ x`` (``y = x`` without ``t``), ``x`` of shape
-        ``(*batch, d, n)``, by FFTs: per column, ``Sᵀ x`` as a correlation truncated
-        to ``d`` entries, then its power spectrum, summed over columns. (The sum of
-        the ``k``-th lower diagonal of ``y yᵀ`` is the columns' autocorrelation at lag
-        ``k``.) Runs over blocks of columns: no spectrum of all columns at once."""
+        ``(*batch, d, n)``, by float64 FFTs, returned in float64: per column, ``Sᵀ x``
+        as a correlation truncated to ``d`` entries, then its power spectrum, summed
+        over columns. (The sum of the ``k``-th lower diagonal of ``y yᵀ`` is the
+        columns' autocorrelation at lag ``k``.) Runs over blocks of columns: no
+        spectrum of all columns at once."""
         d, n_fft = self.dim, _fft_len(self.dim)
-        batch = x.shape[:-2] if t is None else torch.broadcast_shapes(t.shape[:-1], x.shape[:-2])
-        n = x.shape[-1]
-        x = x.expand(*batch, d, n).reshape(math.prod(batch), d, n)
-        spec_t = None
-        if t is not None:
-            spec_t = rfft(t.expand(*batch, d).reshape(-1, d), n=n_fft).unsqueeze(-2)
-            if self.lower:  # Lᵀ @ x (and U @ x = Lᵀ @ x): correlation, the conjugate
-                spec_t = spec_t.conj()
+        if t is None:
+            batch, x = x.shape[:-2], x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])
+            spec_t = None
+        else:
+            batch, t, x = _flat_batch(t, x)
+            spec_t = self._spectrum(t, transpose=True)
         power = None
         for _, rows in _padded_row_blocks(x, n_fft):
             spectrum = rfft(rows, dim=-1)
@@ -228,7 +250,7 @@ class _TriangularToeplitz(Structure):
             part = torch.view_as_real(spectrum).flatten(-2).square_().sum(dim=-2)
             power = part if power is None else power.add_(part)
         if power is None:  # no columns
-            return x.new_zeros(*batch, d)
+            return x.new_zeros(*batch, d, dtype=_FFT_DTYPE)
         power = power.unflatten(-1, (-1, 2)).sum(dim=-1)
         return self._normalize(irfft(power, n=n_fft)[..., :d]).reshape(*batch, d)
 
@@ -236,8 +258,9 @@ class _TriangularToeplitz(Structure):
         # Both LᵀL and LLᵀ have k-th lower-diagonal sum Σ_{u ≥ k} (d − u) t[u] t[u − k]
         # (count the pairs of entries of L that meet in that diagonal): the
         # correlation of w = (d − u) t[u] with t at lag k.
+        # Transforms of two length-d vectors: float64 costs nothing here.
         d, n_fft = self.dim, _fft_len(self.dim)
-        t = data.to(compute_dtype(data.dtype))
+        t = data.to(_FFT_DTYPE)
         weight = torch.arange(d, 0, -1, device=t.device, dtype=t.dtype)
         corr = rfft(weight * t, n=n_fft) * rfft(t, n=n_fft).conj()
         sums = irfft(corr, n=n_fft)[..., :d]
