@@ -26,7 +26,7 @@ import functools
 import pytest
 import torch
 
-from singd_lightning.optim.curvature import Rows
+from tests.structures.test_structures import column_rows
 from singd_lightning.structures import toeplitz
 from singd_lightning.structures.toeplitz import TrilToeplitz, TriuToeplitz
 
@@ -96,16 +96,6 @@ def check_rounded_once(op: str, out: torch.Tensor, ref: torch.Tensor, scale: tor
     of the entry's scale: what float64 transforms of short vectors deliver."""
     excess = (out.to(F64) - ref).abs() - 2.0**-24 * ref.abs()
     assert (excess <= 1e-9 * scale).all(), f"{op}: {(excess / scale).max().item():.1e} of the scale"
-
-
-def column_rows(x: torch.Tensor, chunk_columns: int) -> Rows:
-    """``x`` as lazily built :class:`Rows`, ``chunk_columns`` columns per chunk."""
-    rows = Rows(
-        lambda start, stop, row_major: x[:, start:stop].T.contiguous().T if row_major else x[:, start:stop].clone(),
-        x.shape[0], x.shape[1], 1, x.dtype,
-    )
-    rows.chunk_bytes = chunk_columns * x.shape[0] * x.element_size()
-    return rows
 
 
 @pytest.fixture
