@@ -187,7 +187,6 @@ class KroneckerOptimizer(Optimizer):
         # updates bounded by the subclass (SINGD's ``max_factor_step``).
         self.clipped_updates = 0
         self.clipped_factor_updates = 0
-        self._factor_clip_flags: list[Tensor] = []
         # Per layer: running mean of the squared norm of its preconditioned update.
         self.update_norm_avg: dict[str, Tensor] = {}
         # Per layer, numbers describing the latest accepted preconditioner update
@@ -523,25 +522,28 @@ class KroneckerOptimizer(Optimizer):
         for name, state in layer_state.items():
             self.layer_state[name] = state
 
-    def _update_preconditioners(self, layers: list[KroneckerLayer]) -> None:
-        reduced = self._reduced_statistics(layers)
+    def _new_layer_states(
+        self, layers: list[KroneckerLayer], reduced: dict[str, tuple[Tensor, Tensor]]
+    ) -> tuple[list[tuple[KroneckerLayer, dict[str, Tensor]]], int]:
+        """The proposed new state of each layer with statistics, and how many
+        factor updates a guard bounded. Subclasses may work across layers."""
         updates = []
-        self._factor_clip_flags = []
         for layer in layers:
             if layer.name in reduced:
                 new_state = self._update_preconditioner(layer, *reduced[layer.name])
                 if new_state is not None:
                     updates.append((layer, new_state))
-        clip_flags, self._factor_clip_flags = self._factor_clip_flags, []
+        return updates, 0
+
+    def _update_preconditioners(self, layers: list[KroneckerLayer]) -> None:
+        reduced = self._reduced_statistics(layers)
+        updates, clipped = self._new_layer_states(layers, reduced)
         if not updates:
             return
         # One synchronisation decides which updates are valid; invalid ones
         # (overflow in low precision) leave that layer's state untouched.
         checks = [torch.stack([_all_finite(t) for t in new_state.values()]).all() for _, new_state in updates]
-        device = checks[0].device
-        flags = [f.reshape(()).to(device=device, dtype=torch.bool) for f in clip_flags]
-        host = torch.stack(checks + flags).tolist()
-        finite, clipped = host[: len(checks)], host[len(checks):]
+        finite = torch.stack(checks).tolist()
         diagnostics = {}
         for (layer, new_state), ok in zip(updates, finite):
             state = self.layer_state[layer.name]
@@ -552,8 +554,8 @@ class KroneckerOptimizer(Optimizer):
                 diagnostics[layer.name] = self._layer_diagnostics(layer, state, new_state)
             # A new dict: the snapshot of this step keeps the old one intact.
             self.layer_state[layer.name] = {**state, **new_state}
-        if any(clipped):
-            self.clipped_factor_updates += sum(clipped)
+        if clipped:
+            self.clipped_factor_updates += clipped
             warnings.warn(
                 "A factor update exceeded max_factor_step (a loss spike?): its step was scaled "
                 "down to that bound; see clipped_factor_updates.",

@@ -153,13 +153,26 @@ class Structure(ABC):
         """Largest absolute entry, shape ``(*batch,)``."""
         return data.abs().amax(dim=-1)
 
+    def spectral_norm_bound(self, data: Tensor) -> Tensor:
+        """``sqrt(‖S‖₁ ‖S‖_∞) ≥ ‖S‖₂``, a guaranteed upper bound of the largest
+        singular value, shape ``(*batch,)``, in float32 or better: the largest
+        column and row sums of ``|S|``, from two structured products of ``|S|``
+        with a vector of ones (every stored value is an entry of the matrix, so
+        ``|storage|`` stores ``|S|``). Non-finite entries give NaN or inf."""
+        work = data.abs().to(torch.promote_types(data.dtype, torch.float32))
+        ones = torch.ones(*work.shape[:-1], self.dim, 1, dtype=work.dtype, device=work.device)
+        rows = self.matmul(work, ones).amax(dim=(-2, -1))
+        columns = self.matmul(work, ones, transpose=True).amax(dim=(-2, -1))
+        return (rows * columns).sqrt()
+
     def spectral_norm(self, data: Tensor, iterations: int = 8) -> Tensor:
         """``‖S‖₂``, the largest singular value, estimated by ``iterations`` power
         iterations on ``Sᵀ S``; shape ``(*batch,)``, in float32 or better.
 
         Only structured products with one vector: ``O(numel)`` work per iteration
-        for the sparse structures. The estimate approaches ``‖S‖₂`` from below and
-        is exact after one iteration when one direction dominates ``S`` (a spike).
+        for the sparse structures. The estimate approaches ``‖S‖₂`` from below
+        (it is at least the largest entry), fast when one direction dominates
+        ``S``, as a loss spike makes it, and exactly for diagonal ``S``.
         The start vector is fixed, so every rank computes the same value.
         Non-finite entries give NaN."""
         work = data.to(torch.promote_types(data.dtype, torch.float32))
@@ -172,4 +185,6 @@ class Structure(ABC):
             x = self.matmul(work, self.matmul(work, x), transpose=True)
             norm = x.norm(dim=(-2, -1), keepdim=True)
             x = x / torch.where(norm > 0, norm, torch.ones_like(norm))
-        return self.matmul(work, x).norm(dim=(-2, -1)) * scale
+        estimate = self.matmul(work, x).norm(dim=(-2, -1))
+        # Every entry is a lower bound too (|S_ij| ≤ ‖S‖₂): exact for diagonal S.
+        return torch.maximum(estimate, work.abs().amax(dim=-1)) * scale
