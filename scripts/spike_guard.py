@@ -61,16 +61,17 @@ class _Recorder:
         self.max_ratio = 0.0
         self.max_step = 0.0
         self.lr_cov = 0.0
-        self._spectral = Structure.spectral_norm
+        self._bound = Structure.spectral_norm_bound
         self._clip = KroneckerOptimizer._clip_update
 
     def __enter__(self) -> _Recorder:
         recorder = self
 
-        def spectral_norm(layout, data, iterations=8):
-            value = recorder._spectral(layout, data, iterations)
-            recorder.max_step = max(recorder.max_step, float(value.max()) * recorder.lr_cov)
-            return value
+        def spectral_norm_bound(layout, data):
+            # Called on every factor step the guard checks: record its estimated ‖m‖₂.
+            estimate = layout.spectral_norm(data)
+            recorder.max_step = max(recorder.max_step, float(estimate.max()) * recorder.lr_cov)
+            return recorder._bound(layout, data)
 
         def clip_update(optimizer, layer, natural, clip, pending, flags):
             avg = optimizer.update_norm_avg.get(layer.name)
@@ -79,12 +80,12 @@ class _Recorder:
                 recorder.max_ratio = max(recorder.max_ratio, ratio)
             return recorder._clip(optimizer, layer, natural, clip, pending, flags)
 
-        Structure.spectral_norm = spectral_norm
+        Structure.spectral_norm_bound = spectral_norm_bound
         KroneckerOptimizer._clip_update = clip_update
         return self
 
     def __exit__(self, *exc) -> None:
-        Structure.spectral_norm = self._spectral
+        Structure.spectral_norm_bound = self._bound
         KroneckerOptimizer._clip_update = self._clip
 
 
