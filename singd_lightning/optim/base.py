@@ -48,8 +48,8 @@ FALLBACK_DEFAULTS = dict(
 
 #: Default of ``update_clip``: a layer's preconditioned update may be at most this
 #: many times the running RMS of its recent norms. A loss spike multiplies it by
-#: 10²–10¹⁸; in ordinary training the ratio stayed below 14 on the workloads
-#: measured (README, "Guarantees").
+#: 10²–10¹⁸; in ordinary training it stayed below 14 on the workloads measured
+#: (README, "Guarantees").
 UPDATE_CLIP = 30.0
 #: Decay of the running mean of a layer's squared update norm (~20 steps).
 UPDATE_NORM_DECAY = 0.95
@@ -603,7 +603,8 @@ class KroneckerOptimizer(Optimizer):
         norm_sq = natural.float().square().sum()
         avg = self.update_norm_avg.get(layer.name)
         if avg is None:  # first update: nothing to compare to
-            pending_avg[layer.name] = norm_sq
+            # (an overflowing norm must not disable the guard: it counts as 0)
+            pending_avg[layer.name] = torch.where(torch.isfinite(norm_sq), norm_sq, torch.zeros_like(norm_sq))
             return natural
         # An inf norm of finite entries (overflow in the square) is a spike too;
         # a NaN norm is not compared (the finiteness check rejects the step).
@@ -613,7 +614,7 @@ class KroneckerOptimizer(Optimizer):
         # ``clip`` typical steps, carried on by the momentum.
         scale = torch.where(over, (avg / norm_sq).sqrt(), torch.ones_like(norm_sq))
         natural.mul_(scale.to(natural.dtype))
-        kept = torch.where(over, avg, norm_sq)
+        kept = torch.where(over | ~torch.isfinite(norm_sq), avg, norm_sq)
         pending_avg[layer.name] = avg * UPDATE_NORM_DECAY + kept * (1.0 - UPDATE_NORM_DECAY)
         clip_flags.append(over)
         return natural

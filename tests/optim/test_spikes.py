@@ -166,3 +166,19 @@ def test_guard_hyperparameters_are_validated():
         SINGD(model, max_factor_step=1.0)
     with pytest.raises(ValueError, match="update_clip"):
         SINGD(model, update_clip=1.0)
+
+
+def test_running_norm_stays_finite_when_a_norm_overflows():
+    """Finite updates whose squared norm overflows float32 never put inf into the
+    running norm (which would switch the guard off and fail checkpoint loading)."""
+    layer = nn.Linear(4, 3)
+    optimizer = SINGD(layer, lr=1e-40, T=1, structures=("diagonal", "diagonal"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for scale in (1e30, 1.0, 1e30, 1.0):
+            optimizer.zero_grad()
+            layer.weight.grad = torch.full_like(layer.weight, scale)
+            layer.bias.grad = torch.full_like(layer.bias, scale)
+            optimizer.step()
+    assert torch.isfinite(optimizer.update_norm_avg[""])
+    assert optimizer.clipped_updates == 1  # the second 1e30 step
