@@ -1,22 +1,24 @@
 """Checks of a saved optimizer state before it is loaded: a state that does not
 fit the optimizer (another method, structure, layer width or set of layers) or is
 malformed is refused with a ``ValueError`` naming the entry, before anything
-changes."""
+changes.
+
+The functions take the :class:`~singd_lightning.optim.base.KroneckerOptimizer`
+that is about to load (typed as its base class, ``torch.optim.Optimizer``): they
+read its parameter groups, layer states and layouts and change none of them."""
 
 from __future__ import annotations
 
 import math
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 from singd_lightning.optim.hyperparameters import validate_kronecker_group
-
-if TYPE_CHECKING:
-    from singd_lightning.optim.base import KroneckerOptimizer
 
 #: Stands for a schedule (a callable) in a serialised parameter group.
 CALLABLE_PLACEHOLDER = "<callable>"
@@ -28,7 +30,7 @@ def _check_finite(t: Tensor, what: str, non_negative: bool = False) -> None:
         raise ValueError(f"state_dict: {what} holds {'negative or ' if non_negative else ''}non-finite values.")
 
 
-def checked_state_dict(optimizer: KroneckerOptimizer, state_dict: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def checked_state_dict(optimizer: Optimizer, state_dict: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Validate everything ``optimizer.load_state_dict`` will use, changing nothing.
 
     Returns:
@@ -63,7 +65,7 @@ def checked_state_dict(optimizer: KroneckerOptimizer, state_dict: Any) -> tuple[
     return {**state_dict, "param_groups": groups}, kronecker
 
 
-def _checked_groups(optimizer: KroneckerOptimizer, saved_groups: Any) -> list[dict]:
+def _checked_groups(optimizer: Optimizer, saved_groups: Any) -> list[dict]:
     if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(optimizer.param_groups):
         count = len(saved_groups) if isinstance(saved_groups, (list, tuple)) else type(saved_groups).__name__
         raise ValueError(
@@ -108,7 +110,7 @@ def _check_counters(kronecker: Mapping) -> None:
         raise ValueError(f"state_dict['kronecker']['grad_scale_hint'] must be a finite number > 0, got {hint!r}.")
 
 
-def _check_layers(optimizer: KroneckerOptimizer, kronecker: Mapping) -> None:
+def _check_layers(optimizer: Optimizer, kronecker: Mapping) -> None:
     saved_layers = kronecker["layers"]
     missing = sorted(set(optimizer.layer_state) - set(saved_layers))
     unknown = sorted(set(saved_layers) - set(optimizer.layer_state))
@@ -162,7 +164,7 @@ def _check_layers(optimizer: KroneckerOptimizer, kronecker: Mapping) -> None:
                 raise ValueError(f"state_dict: {key} of layer {layer.name!r} has dtype {value.dtype}.")
 
 
-def _check_param_state(optimizer: KroneckerOptimizer, saved_state: Any) -> None:
+def _check_param_state(optimizer: Optimizer, saved_state: Any) -> None:
     if not isinstance(saved_state, Mapping):
         raise ValueError("state_dict['state'] must be a dict of per-parameter states.")
     params = [p for g in optimizer.param_groups for p in g["params"]]
