@@ -32,7 +32,7 @@ from singd_lightning.models import create_model
 from singd_lightning.optim.base import KroneckerOptimizer
 from singd_lightning.structures.base import Structure
 
-#: Learning rates of conf/tuned for the digits data.
+#: Learning rates of singd_lightning/conf/tuned for the digits data.
 LEARNING_RATES = {"singd": 0.03, "adamw": 0.01, "sgd": 0.1}
 
 

@@ -15,22 +15,20 @@ CONFIG_DIR_ENV = "SINGD_CONFIG_DIR"
 
 
 def config_dir() -> Path:
-    """The ``conf/`` directory of the app.
-
-    ``$SINGD_CONFIG_DIR`` if set, else ``conf/`` at the repository root (found
-    relative to this file, which works for a source checkout and an editable
-    install; a wheel does not ship the configs).
+    """The app's config directory: ``$SINGD_CONFIG_DIR`` if set, else the configs
+    shipped inside the package (``singd_lightning/conf``), so that ``singd-train``
+    and ``python train.py`` use the same configs from a wheel or a checkout.
 
     Raises:
-        FileNotFoundError: With a hint, if the directory does not exist.
+        FileNotFoundError: With a hint, if the directory has no ``train.yaml``.
     """
     env = os.environ.get(CONFIG_DIR_ENV)
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    path = Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
     if not (path / "train.yaml").is_file():
         raise FileNotFoundError(
-            f"The app's configs were not found at '{path}' (no train.yaml). The configs live in "
-            "conf/ of the source checkout: install with `pip install -e .` from the repository, "
-            f"run `python train.py` there, or set {CONFIG_DIR_ENV} to the conf/ directory."
+            f"The app's configs were not found at '{path}' (no train.yaml). "
+            f"{CONFIG_DIR_ENV} must name a directory holding train.yaml and its groups; "
+            "unset it to use the configs shipped with the package."
         )
     return path
 

@@ -1,6 +1,6 @@
 """Hydra entry point: ``python train.py [overrides]`` or ``singd-train [overrides]``.
 
-Composes ``conf/train.yaml`` with the command-line overrides and runs
+Composes ``singd_lightning/conf/train.yaml`` with the command-line overrides and runs
 :func:`singd_lightning.app.pipeline.train` per job, which trains, tests and writes
 ``results.json`` into the Hydra run directory::
 
@@ -9,8 +9,9 @@ Composes ``conf/train.yaml`` with the command-line overrides and runs
     python train.py -m optimizer=singd,adamw
     python train.py experiment=cifar100_vgg trainer=gpu
 
-The configs are found in ``conf/`` of the source checkout (editable install) or in
-``$SINGD_CONFIG_DIR``; a wheel does not include them.
+The configs ship inside the package (``singd_lightning/conf``), so a wheel runs the
+app too; ``$SINGD_CONFIG_DIR`` points at another config directory, and
+``hydra.searchpath`` adds your own config groups.
 
 A user error (a bad config value, a missing data set or checkpoint) prints one line,
 ``Error: <message>``, and exits with status 1 (see :mod:`singd_lightning.app.errors`);
@@ -55,7 +56,7 @@ def _task(cfg: DictConfig) -> float:
 
 
 def main() -> Any:
-    """Console-script entry point (``singd-train``): the Hydra app on ``conf/``."""
+    """Console-script entry point (``singd-train``): the Hydra app on the packaged configs."""
     try:
         configs = config_dir()
     except FileNotFoundError as err:

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 REPO = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO / "conf"
+CONF_DIR = REPO / "singd_lightning" / "conf"
 TRAIN_PY = REPO / "train.py"
 
 #: Options of every config group: the app's command-line interface.
