@@ -211,14 +211,25 @@ class KroneckerOptimizer(Optimizer):
     def _split_groups(
         self, model: nn.Module, params, defaults: dict
     ) -> tuple[list[dict], list[str]]:
-        """Split each user group into a Kronecker group and a fallback group."""
+        """Split each user group into a Kronecker group and a fallback group.
+
+        A ``nn.Linear``/``nn.Conv2d`` bias is preconditioned with its weight (as the
+        last column of the augmented weight) whenever that weight is optimized,
+        whichever group the bias is in: it joins the Kronecker group of its own
+        group, so that its own ``lr``, ``momentum`` and ``weight_decay`` apply to its
+        part of the layer's update (timm's groups put biases in a no-decay group).
+        A group's fallback parameters use its ``fallback_weight_decay`` if the group
+        sets it, else its ``weight_decay`` if the group sets it, else the
+        optimizer's ``fallback_weight_decay``.
+        """
         names = {id(p): n for n, p in model.named_parameters()}
-        layer_of: dict[int, tuple[nn.Module, str]] = {}
+        weight_of_bias: dict[int, int] = {}
+        weights: set[int] = set()
         for module in model.modules():
             if isinstance(module, SUPPORTED_MODULES):
-                layer_of[id(module.weight)] = (module, "weight")
+                weights.add(id(module.weight))
                 if module.bias is not None:
-                    layer_of[id(module.bias)] = (module, "bias")
+                    weight_of_bias[id(module.bias)] = id(module.weight)
         if params is None:
             user_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
         else:
@@ -229,7 +240,9 @@ class KroneckerOptimizer(Optimizer):
                 user_groups = [{"params": params}]
         valid_keys = set(defaults) - {"role"}
         model_params = set(names)
-        groups, frozen = [], []
+        # Validate every group before splitting any: where a bias goes depends on
+        # whether its weight is in some group.
+        checked = []
         for index, user_group in enumerate(user_groups):
             if "params" not in user_group:
                 raise ValueError(f"params: parameter group {index} has no 'params' entry.")
@@ -250,12 +263,13 @@ class KroneckerOptimizer(Optimizer):
             merged = {**defaults, **{k: v for k, v in user_group.items() if k != "params"}}
             validate_kronecker_group(merged)
             self._validate_group(merged)
-            ids = {id(p) for p in group_params}
+            checked.append((user_group, group_params, merged))
+        optimized = {id(p) for _, group_params, _ in checked for p in group_params}
+        groups, frozen = [], []
+        for user_group, group_params, merged in checked:
             kronecker, other = [], []
             for p in group_params:
-                entry = layer_of.get(id(p))
-                # A bias is preconditioned with its weight only if both are in this group.
-                if entry is not None and (entry[1] == "weight" or id(entry[0].weight) in ids):
+                if id(p) in weights or weight_of_bias.get(id(p)) in optimized:
                     kronecker.append(p)
                 else:
                     other.append(p)
@@ -267,11 +281,15 @@ class KroneckerOptimizer(Optimizer):
                 fallback_group = {**merged, "params": other, "role": "fallback"}
                 if merged["fallback_lr"] is not None:
                     fallback_group["lr"] = merged["fallback_lr"]
-                fallback_group["weight_decay"] = merged["fallback_weight_decay"]
+                # The group's own settings apply to its fallback parameters.
+                if "fallback_weight_decay" in user_group or "weight_decay" not in user_group:
+                    fallback_group["weight_decay"] = merged["fallback_weight_decay"]
                 groups.append(fallback_group)
         return groups, frozen
 
     def _find_layers(self, model: nn.Module) -> list[KroneckerLayer]:
+        """The supported layers whose weight is optimized; a layer belongs to its
+        weight's group (preconditioner and spike guard settings)."""
         in_group = {
             id(p): index
             for index, group in enumerate(self.param_groups)
@@ -282,7 +300,7 @@ class KroneckerOptimizer(Optimizer):
         for name, module in model.named_modules():
             if isinstance(module, SUPPORTED_MODULES) and id(module.weight) in in_group:
                 index = in_group[id(module.weight)]
-                has_bias = module.bias is not None and in_group.get(id(module.bias)) == index
+                has_bias = module.bias is not None and id(module.bias) in in_group
                 layers.append(KroneckerLayer(name, module, self.param_groups[index], has_bias, index))
         return layers
 
@@ -459,11 +477,18 @@ class KroneckerOptimizer(Optimizer):
 
         # Every update is computed and checked before any parameter changes.
         plans, pending_avg, clip_flags, checked = [], {}, [], []
+        kronecker_ids = {
+            id(p) for group, params in zip(self.param_groups, with_grad) if group["role"] == "kronecker" for p in params
+        }
+        natural = self._kronecker_updates(kronecker_ids, pending_avg, clip_flags)
         for group, params in zip(self.param_groups, with_grad):
             if not params:
                 continue
             if group["role"] == "kronecker":
-                targets, updates = self._kronecker_updates(group, params, pending_avg, clip_flags)
+                # Each parameter's part of its layer's update, with its own group's
+                # lr, momentum and weight decay (a bias may be in another group).
+                targets = [p for p in params if id(p) in natural]
+                updates = [natural[id(p)] for p in targets]
                 plans.append((group, targets, updates))
                 checked += updates
             else:
@@ -566,26 +591,26 @@ class KroneckerOptimizer(Optimizer):
         }
 
     def _kronecker_updates(
-        self, group: dict, params: list[nn.Parameter], pending_avg: dict[str, Tensor], clip_flags: list[Tensor]
-    ) -> tuple[list[nn.Parameter], list[Tensor]]:
-        """The preconditioned updates of ``group``'s parameters that have a gradient
-        (spike guard applied), without changing any state: the guard's new running
-        norms go to ``pending_avg`` and its "clipped" flags to ``clip_flags``."""
-        with_grad = {id(p) for p in params}
-        updates, targets = [], []
+        self, with_grad: set[int], pending_avg: dict[str, Tensor], clip_flags: list[Tensor]
+    ) -> dict[int, Tensor]:
+        """The preconditioned update of every Kronecker parameter whose id is in
+        ``with_grad``, by id (spike guard applied), without changing any state: the
+        guard's new running norms go to ``pending_avg`` and its "clipped" flags to
+        ``clip_flags``. A layer's update uses its weight's group (preconditioner,
+        ``update_clip``)."""
+        updates: dict[int, Tensor] = {}
         for layer in self.layers:
-            if layer.group is not group or not any(id(p) in with_grad for p in layer.params):
+            if not any(id(p) in with_grad for p in layer.params):
                 continue
             # A missing weight (or bias) gradient counts as zero; only the
             # parameters that have a gradient are updated, as in torch.optim.
             natural = self._precondition(layer, layer.gradient_matrix())
-            if group["update_clip"] is not None:
-                natural = self._clip_update(layer, natural, group["update_clip"], pending_avg, clip_flags)
+            if layer.group["update_clip"] is not None:
+                natural = self._clip_update(layer, natural, layer.group["update_clip"], pending_avg, clip_flags)
             for p, d in zip(layer.params, layer.split(natural)):
                 if id(p) in with_grad:
-                    targets.append(p)
-                    updates.append(d)
-        return targets, updates
+                    updates[id(p)] = d
+        return updates
 
     def _clip_update(
         self, layer: KroneckerLayer, natural: Tensor, clip: float, pending_avg: dict[str, Tensor], clip_flags: list[Tensor]
