@@ -11,6 +11,7 @@ statistics and how to precondition a gradient.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
@@ -54,11 +55,24 @@ UPDATE_CLIP = 30.0
 UPDATE_NORM_DECAY = 0.95
 
 
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``torch.compile`` wrapper (looked up only if compile
+    was ever used: importing the compiler costs seconds)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The inner module of (nested) ``DataParallel``/``DistributedDataParallel``."""
-    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        model = model.module
-    return model
+    """The inner module of (nested) ``DataParallel``/``DistributedDataParallel`` and
+    ``torch.compile`` wrappers, so that layer names (and checkpoint keys) are those
+    of the plain model."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _world_size() -> int:

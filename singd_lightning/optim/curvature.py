@@ -19,7 +19,9 @@ float16, whose range needs ``Aᵀ/√n`` and ``Gᵀ·√N/s`` before the product
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -558,6 +560,46 @@ def output_gradient_matrix(
 
 
 # ------------------------------------------------------------------ collector
+# Collectors by layer key, for the opaque op of compiled models (weak: a dropped
+# optimizer's layers are forgotten).
+_COLLECTORS: weakref.WeakValueDictionary[int, CurvatureCollector] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+@torch.library.custom_op("singd_lightning::curvature_grad", mutates_args=())
+def _curvature_grad(grad_output: Tensor, x: Tensor, key: int) -> Tensor:
+    """Hand a layer's input and output gradient to its collector; pass the
+    gradient on. An op the compiler cannot see into, so that the statistics of a
+    compiled model run eagerly, exactly as in eager mode, inside one backward graph."""
+    collector = _COLLECTORS.get(key)
+    if collector is not None:
+        collector._compiled_backward(key, x, grad_output)
+    return grad_output.clone()  # an op's output must not alias its input
+
+
+@_curvature_grad.register_fake
+def _(grad_output: Tensor, x: Tensor, key: int) -> Tensor:
+    return torch.empty_like(grad_output)
+
+
+class _CaptureOutputGradient(torch.autograd.Function):
+    """Identity on a layer's output whose backward calls :func:`_curvature_grad`."""
+
+    @staticmethod
+    def forward(output: Tensor, x: Tensor, key: int) -> Tensor:
+        return output.view_as(output)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        ctx.save_for_backward(inputs[1])
+        ctx.key = inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:
+        (x,) = ctx.saved_tensors
+        return torch.ops.singd_lightning.curvature_grad(grad_output, x, ctx.key), None, None
+
+
 Sink = Callable[[KroneckerLayer, Tensor, Tensor, float, float, int, int], None]
 
 
@@ -586,23 +628,35 @@ class CurvatureCollector:
         self.is_collecting = is_collecting
         self.dtypes = dtypes
         self.grad_scale = grad_scale
+        self._layer_of_key: dict[int, KroneckerLayer] = {}
         self.enabled = True
         for layer in layers:
+            key = next(_KEYS)
+            _COLLECTORS[key] = self
+            self._layer_of_key[key] = layer
             layer.handles.append(
-                layer.module.register_forward_hook(partial(self._forward_hook, layer))
+                layer.module.register_forward_hook(partial(self._forward_hook, layer, key))
             )
 
-    def _forward_hook(self, layer: KroneckerLayer, module: nn.Module, args, output) -> None:
-        if not (
-            self.enabled
-            and torch.is_grad_enabled()
-            and isinstance(output, Tensor)
-            and output.requires_grad
-            and self.is_collecting(layer)
-        ):
-            return
-        # The input is kept alive by autograd for the weight gradient anyway.
-        output.register_hook(partial(self._backward_hook, layer, args[0].detach()))
+    def _forward_hook(self, layer: KroneckerLayer, key: int, module: nn.Module, args, output) -> Tensor | None:
+        if not (self.enabled and torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+            return None
+        if torch.compiler.is_compiling():
+            # A tensor hook would break the graph at every layer, and reading the
+            # step count would guard on it (a recompile per step): route the output
+            # gradient through an op the compiler keeps opaque, which decides at
+            # backward time whether this step collects.
+            return _CaptureOutputGradient.apply(output, args[0].detach(), key)
+        if self.is_collecting(layer):
+            # The input is kept alive by autograd for the weight gradient anyway.
+            output.register_hook(partial(self._backward_hook, layer, args[0].detach()))
+        return None
+
+    def _compiled_backward(self, key: int, x: Tensor, grad_output: Tensor) -> None:
+        """The backward hook of a compiled forward pass (see :func:`_curvature_grad`)."""
+        layer = self._layer_of_key[key]
+        if self.enabled and self.is_collecting(layer):
+            self._backward_hook(layer, x, grad_output)
 
     @torch.no_grad()
     def _backward_hook(self, layer: KroneckerLayer, x: Tensor, grad_output: Tensor) -> None:
