@@ -22,6 +22,9 @@ Parameter counts are for the number of classes in brackets.
 | ``swin_tiny_32`` | Swin, p2 w4 | 32 px | 7.08M (100) |
 | ``swin_tiny_128`` / ``swin_tiny_160`` | Swin, p8 w4 / w5 | 128 / 160 px | 7.07M (10) |
 | ``swin_nano`` | Swin (test size) | 32 px | 26k (10) |
+
+Any timm model: :func:`create_timm_model` (``create_timm_model("resnet18",
+num_classes=10)``; the app's ``model=timm model.name=...``).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from singd_lightning.models.swin import (
     swin_tiny_128,
     swin_tiny_160,
 )
+from singd_lightning.models.timm_models import create_timm_model
 from singd_lightning.models.vgg import VGG, vgg11, vgg13, vgg16, vgg19, vgg_small
 
 #: Model factories by name.
@@ -101,6 +105,7 @@ __all__ = [
     "ConvMixer",
     "SwinTransformer",
     "create_model",
+    "create_timm_model",
     "list_models",
     *sorted(MODELS),
 ]

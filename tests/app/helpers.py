@@ -24,7 +24,7 @@ GROUP_OPTIONS: dict[str, set[str]] = {
         "triu_top_left_diagonal", "triu_bottom_right_diagonal",
     },
     "precision": {"fp32", "bf16", "bf16-true", "fp16"},
-    "model": {"vgg", "convmixer", "cct", "swin", "vgg_small", "convmixer_tiny", "cct_tiny", "swin_nano"},
+    "model": {"vgg", "convmixer", "cct", "swin", "vgg_small", "convmixer_tiny", "cct_tiny", "swin_nano", "timm"},
     "data": {"cifar100", "imagewoof10", "digits"},
     "trainer": {"default", "cpu", "gpu", "ddp"},
     "logger": {"csv", "wandb", "many_loggers"},
