@@ -153,6 +153,65 @@ class DistributedJobScope:
                 os.environ[key] = value
 
 
+# ------------------------------------------------------------------ console
+
+#: Loggers to which Lightning (and torchmetrics) attach a console handler of their own
+#: on import (``lightning/__init__.py``, ``lightning/pytorch/__init__.py``, ...).
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "torchmetrics")
+#: The loggers of Lightning's ``rank_zero_info``.
+RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+#: Starts of Lightning INFO messages the app's user can do nothing about: the
+#: advertisement for litlogger, and the note that the configured RichModelSummary
+#: replaces Lightning's default summary (the app configures it on purpose).
+QUIET_LIGHTNING_MESSAGES = (
+    "💡 Tip: For seamless cloud logging",
+    "Trainer already configured with model summary callbacks",
+)
+
+
+class _DropMessages(logging.Filter):
+    """Drops records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes: Sequence[str]) -> None:
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def configure_lightning_logging(hand_to_root: bool = True) -> None:
+    """One console line per Lightning message, without the app's noise.
+
+    Lightning adds a StreamHandler to its loggers (and stops them propagating) when
+    the root logger has no handler at import time; Hydra configures the root logger
+    later, so every Lightning INFO line was printed twice, once by each. With
+    ``hand_to_root`` and a root logger that has handlers (Hydra's console and
+    ``<job>.log`` file), Lightning's own console handlers go and its records
+    propagate to the root, so they also reach the job's log file. The messages of
+    :data:`QUIET_LIGHTNING_MESSAGES` are dropped either way. Idempotent (a
+    ``--multirun`` calls it once per job).
+
+    Args:
+        hand_to_root: Let the root logger's handlers print Lightning's messages.
+    """
+    root = logging.getLogger()
+    for name in LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        if hand_to_root and root.handlers:
+            for handler in list(logger.handlers):
+                # only the plain console handler Lightning installs; a user's file handler stays
+                if type(handler) is logging.StreamHandler:
+                    logger.removeHandler(handler)
+            logger.propagate = True
+    for name in RANK_ZERO_LOGGERS:
+        # a logger's filters see only the records logged on it: rank_zero_info logs here
+        rank_zero = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in rank_zero.filters):
+            rank_zero.addFilter(_DropMessages(QUIET_LIGHTNING_MESSAGES))
+
+
 # ------------------------------------------------------------------ W&B
 
 
@@ -207,6 +266,7 @@ __all__ = [
     "DISTRIBUTED_ENV",
     "DistributedJobScope",
     "config_dir",
+    "configure_lightning_logging",
     "finish_wandb",
     "hydra_ddp_subprocess_cmd",
     "install_ddp_hydra_fix",

@@ -33,12 +33,13 @@ from singd_lightning.app.errors import (
     user_error_message,
 )
 from singd_lightning.app.hydra_utils import (
+    configure_lightning_logging,
     finish_wandb,
     install_ddp_hydra_fix,
     resolve_wandb_offline,
 )
 from singd_lightning.app.module import ImageClassifier
-from singd_lightning.app.results import empty_results, write_results
+from singd_lightning.app.results import empty_results, summary_values, write_results
 from singd_lightning.app.validation import check_checkpoint, validate_config
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def build_module(cfg: DictConfig, net: torch.nn.Module) -> ImageClassifier:
         optimizer=optimizer,
         scheduler=scheduler,
         label_smoothing=cfg.get("label_smoothing", 0.0),
+        num_classes=num_classes,
     )
 
 
@@ -155,7 +157,13 @@ def _structure_name(spec: Any) -> str:
 
 
 def describe_run(cfg: DictConfig) -> dict[str, Any]:
-    """Optimizer, structure, precision, model and data names of ``cfg``."""
+    """Optimizer, structure, precision, model and data names of ``cfg``.
+
+    ``precision`` is the trainer's (``cfg.trainer.precision``, e.g. ``"bf16-mixed"``),
+    what runs even when given directly as ``trainer.precision=...``;
+    ``precision_config`` is the ``precision`` group's option (e.g. ``"bf16"``), which
+    also sets the optimizer's preconditioner dtype.
+    """
     optimizer = cfg.optimizer
     name = str(optimizer.name)
     if "structures" in optimizer:
@@ -170,7 +178,8 @@ def describe_run(cfg: DictConfig) -> dict[str, Any]:
     return {
         "optimizer": name,
         "structure": structure,
-        "precision": str(cfg.precision.name),
+        "precision": str(cfg.trainer.precision),
+        "precision_config": str(cfg.precision.name),
         "model": str(cfg.model.name),
         "data": str(cfg.data.name),
     }
@@ -238,6 +247,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     trainer: L.Trainer | None = None
     try:
+        from hydra.core.hydra_config import HydraConfig
+
+        configure_lightning_logging(hand_to_root=HydraConfig.initialized())
         results["overrides"] = _task_overrides()
         results.update(describe_run(cfg))
         results.update(seed=cfg.get("seed"), max_epochs=cfg.trainer.get("max_epochs"))
@@ -251,18 +263,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             torch.set_num_threads(int(cfg.num_threads))
         if cfg.get("float32_matmul_precision"):
             torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
-        from hydra.core.hydra_config import HydraConfig
-
         if HydraConfig.initialized():
             install_ddp_hydra_fix()
 
         datamodule = build_datamodule(cfg)
         net = build_model(cfg, datamodule)
         results["num_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
-        module = build_module(cfg, net)
+        module = build_module(cfg, net, num_classes=datamodule.num_classes)
         callbacks = build_callbacks(cfg.get("callbacks"))
         loggers = build_loggers(cfg.get("logger"))
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        # Lightning falls back (e.g. 16-mixed -> bf16-mixed on a CPU): record what runs
+        results["precision"] = str(trainer.precision)
+        # The composed config is the run's record, logged once and nested. Lightning
+        # would also log the module's and data module's saved hyperparameters, merged
+        # flat over it (the data module's ``seed`` replaced the run's).
+        datamodule._log_hyperparams = False
         resolved = OmegaConf.to_container(cfg, resolve=True)
         for logger in trainer.loggers:
             logger.log_hyperparams(resolved)
@@ -307,9 +323,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if rank_zero_only.rank == 0 and (trainer is None or trainer.is_global_zero):
             path = write_results(run_dir, results)
             log.info(f"status={results['status']} test_acc={results['test_acc']} -> {path}")
+            if trainer is not None:
+                summarize_in_wandb(trainer.loggers, results)
         finish_wandb()
     results["metrics"] = metrics
     return results
+
+
+def summarize_in_wandb(loggers: list[Logger], results: dict[str, Any]) -> None:
+    """Put ``results.json``'s values into the summary of every W&B logger's run, so a
+    sweep's runs compare on one dashboard (status, test accuracy, memory, ...).
+
+    A W&B error is logged as a warning: the run itself has finished and is recorded.
+    """
+    from lightning.pytorch.loggers import WandbLogger
+
+    values = summary_values(results)
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            try:
+                logger.experiment.summary.update(values)
+            except Exception as err:  # noqa: BLE001 - see the docstring
+                log.warning(f"Could not write the W&B run summary: {type(err).__name__}: {err}")
 
 
 def _floats(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -27,6 +27,7 @@ RESULT_KEYS = (
     "optimizer",
     "structure",
     "precision",
+    "precision_config",
     "model",
     "data",
     "epochs",
@@ -74,9 +75,21 @@ def write_results(run_dir: str | Path, results: dict[str, Any]) -> Path:
     return path
 
 
+def summary_values(results: dict[str, Any]) -> dict[str, Any]:
+    """The numbers, strings and flags of ``results`` as a flat dict (a run summary for
+    W&B): non-finite numbers and missing values are left out; so are the traceback and
+    the lists."""
+    clean = _clean(results)
+    return {
+        key: value
+        for key, value in clean.items()
+        if key != "traceback" and isinstance(value, (bool, int, float, str))
+    }
+
+
 def read_results(run_dir: str | Path) -> dict[str, Any]:
     """Read ``run_dir/results.json``."""
     return json.loads((Path(run_dir) / RESULTS_FILE).read_text())
 
 
-__all__ = ["RESULTS_FILE", "RESULT_KEYS", "STATUSES", "empty_results", "read_results", "write_results"]
+__all__ = ["RESULTS_FILE", "RESULT_KEYS", "STATUSES", "empty_results", "read_results", "summary_values", "write_results"]

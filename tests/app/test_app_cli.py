@@ -28,7 +28,8 @@ def test_structure_and_precision_from_the_command_line(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = _results(run_dir)
     assert results["status"] == "ok"
-    assert (results["optimizer"], results["structure"], results["precision"]) == ("singd", "hierarchical(15,15)", "bf16")
+    assert (results["optimizer"], results["structure"], results["precision_config"]) == ("singd", "hierarchical(15,15)", "bf16")
+    assert results["precision"] == "bf16-mixed"  # what the trainer ran
     assert "structure=hierarchical" in results["overrides"]
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "csv" / "metrics.csv").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing else in the cwd

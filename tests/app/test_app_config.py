@@ -37,8 +37,8 @@ def test_group_options_are_the_interface(group: str) -> None:
 def test_default_config() -> None:
     cfg = compose_cfg()
     assert describe_run(cfg) == {
-        "optimizer": "singd", "structure": "hierarchical(15,15)", "precision": "fp32",
-        "model": "vgg_small", "data": "digits",
+        "optimizer": "singd", "structure": "hierarchical(15,15)", "precision": "32-true",
+        "precision_config": "fp32", "model": "vgg_small", "data": "digits",
     }  # fmt: skip
     assert cfg.trainer.precision == "32-true"
     assert cfg.optimizer.lr == 0.03  # tuned/digits_singd.yaml
