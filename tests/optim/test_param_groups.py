@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from singd_lightning.optim import SINGD
+from singd_lightning.optim import IKFAC, INGD, KFAC, SINGD, KroneckerOptimizer
+from singd_lightning.optim.factory import create_optimizer
 
 LR, WD = 0.1, 0.05
 
@@ -144,3 +145,61 @@ def test_timm_param_groups() -> None:
     decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     assert decay[id(model.fc.bias)] == decay[id(model.norm.weight)] == 0.0
     assert decay[id(model.fc.weight)] == decay[id(model.pos)] == WD
+
+
+# ------------------------------------------------------------------ the factory
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [("singd", SINGD), ("INGD", INGD), ("ikfac", IKFAC), ("kfac", KFAC),
+     ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)],  # fmt: skip
+)
+def test_create_optimizer_uses_no_decay_groups(name: str, cls: type) -> None:
+    model = _net()
+    optimizer = create_optimizer(model, name, lr=LR, weight_decay=WD)
+    assert type(optimizer) is cls
+    decay = {id(p): (g["weight_decay"], g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+    for param_name, p in model.named_parameters():
+        expected = WD if param_name in ("conv.weight", "fc.weight", "pos") else 0.0
+        assert decay[id(p)] == (expected, LR), param_name
+    if isinstance(optimizer, KroneckerOptimizer):
+        assert _layers(optimizer) == {"conv": True, "fc": True}
+        optimizer.remove_hooks()
+
+
+def test_create_optimizer_steps_like_the_groups() -> None:
+    expected = _deltas(_net(), None)  # reference: no decay; add each parameter's own
+    model = _net()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    options = dict(momentum=0.9, T=1, structures=("dense", "diagonal"), update_clip=None)
+    optimizer = create_optimizer(model, "singd", lr=LR, weight_decay=WD, **options)
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 2, 4, 4, dtype=torch.float64), torch.randint(0, 5, (8,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        decay = WD if name in ("conv.weight", "fc.weight", "pos") else 0.0
+        torch.testing.assert_close(p.detach() - initial[name], expected[name] - LR * decay * initial[name], msg=name)
+
+
+def test_create_optimizer_options() -> None:
+    model = _net()
+    model.no_weight_decay = lambda: {"pos"}  # timm's hook for embeddings
+    optimizer = create_optimizer(model, "singd", weight_decay=WD, fallback_weight_decay=0.3)
+    by_param = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    assert by_param[id(model.pos)]["weight_decay"] == 0.3  # a fallback parameter, no-decay group
+    assert by_param[id(model.fc.weight)]["weight_decay"] == WD
+    assert by_param[id(model.fc.bias)]["weight_decay"] == 0.0
+    assert by_param[id(model.fc.weight)]["lr"] == 1e-3  # SINGD's default
+    optimizer.remove_hooks()
+    plain = create_optimizer(model, "adamw", weight_decay=WD, filter_bias_and_bn=False)
+    assert [g["weight_decay"] for g in plain.param_groups] == [WD]
+
+
+@pytest.mark.parametrize(
+    ("name", "weight_decay", "message"),
+    [("adam", 0.0, r"name must be one of \['singd', 'ingd', 'ikfac', 'kfac', 'adamw', 'sgd'\], got 'adam'"),
+     ("singd", -1.0, "weight_decay must be a number >= 0, got -1.0")],  # fmt: skip
+)
+def test_create_optimizer_rejects(name: str, weight_decay: float, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        create_optimizer(_net(), name, weight_decay=weight_decay)
