@@ -15,12 +15,16 @@ preconditions the clipped gradient. The curvature statistics are not clipped.
 
 from __future__ import annotations
 
+import inspect
 import time
-from typing import Any
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.core.optimizer import _MockOptimizer
+from torch import nn
 from torch.optim import Optimizer
 
 from singd_lightning.lightning.factory import (
@@ -31,8 +35,15 @@ from singd_lightning.lightning.factory import (
 from singd_lightning.lightning.schedulers import retarget_scheduler
 from singd_lightning.lightning.strategy import check_strategy
 from singd_lightning.optim import KroneckerOptimizer
+from singd_lightning.optim.base import UPDATE_CLIP
+from singd_lightning.optim.hyperparameters import check_grad_scaler
+from singd_lightning.optim.singd import MAX_FACTOR_STEP
 
 _BF16_PRECISIONS = ("bf16-mixed", "bf16-true", "bf16")
+
+#: One factor's structure: a name (``"diagonal"``) or a mapping with a ``name``
+#: key and the structure's options (``{"name": "block_diagonal", "block_size": 32}``).
+StructureOption = Union[str, dict[str, Any]]
 
 
 class SINGDDiagnostics(Callback):
@@ -219,12 +230,20 @@ class SINGDCallback(SINGDDiagnostics):
         trainer = Trainer(callbacks=[SINGDCallback(lr=1e-3, structures=("diagonal", "diagonal"))])
         trainer.fit(model)
 
+    With ``LightningCLI`` (or a YAML config) the options are parsed from the
+    signature::
+
+        --trainer.callbacks+=singd_lightning.SINGDCallback \\
+        --trainer.callbacks.init_args.lr=0.01 \\
+        '--trainer.callbacks.init_args.structures=[diagonal, hierarchical]'
+
     When fitting starts (``on_fit_start``, after Lightning has called
     ``configure_optimizers`` and before it restores a checkpoint's optimizer
     state), the optimizer the module configured is replaced by a new SINGD built
     on the (unwrapped) module, with the parameter groups of the replaced optimizer
     (its partition only, not its hyper-parameters; all trainable parameters if
-    ``configure_optimizers`` returned None). Its LR schedulers are re-targeted to
+    ``configure_optimizers`` returned None, in which case Lightning's "no
+    optimizer" warning is not raised). Its LR schedulers are re-targeted to
     the new optimizer (see
     :func:`~singd_lightning.lightning.schedulers.retarget_scheduler`) and keep
     driving its learning rates, the fallback group's included; they keep their
@@ -239,31 +258,157 @@ class SINGDCallback(SINGDDiagnostics):
     Supported strategies: single device and DDP (``"ddp"``, ``"ddp_spawn"``, ...);
     sharded ones (FSDP, DeepSpeed) fail in ``setup`` with an error.
 
+    The optimizer options default to the optimizer's own defaults (None, or the
+    same value); only options that differ from their default are passed on. The
+    options are checked when the callback is created.
+
     Args:
         optimizer: ``"singd"`` (default), ``"ingd"``, ``"ikfac"`` or ``"kfac"``.
         log_diagnostics: Log diagnostics (see :class:`SINGDDiagnostics`).
-        preconditioner_dtype: As for the optimizer (default: the parameter dtype);
+        lr: β₂, the parameter learning rate (default 1e-3).
+        momentum: α₂, momentum on the parameter updates, in [0, 1) (default 0.9).
+        damping: λ, damping of the factor updates (default 1e-3).
+        weight_decay: γ, L2 weight decay (default 0).
+        T: Update the preconditioner every ``T`` steps (default 10).
+        kfac_approx: ``"expand"`` (default) or ``"reduce"``.
+        loss_average: ``"batch"`` (default), ``"batch+sequence"`` or None (summed loss).
+        preconditioner_dtype: The factors' dtype, one name for both or a
+            ``(K's, C's)`` pair (None: the parameter dtype, the default);
             ``"auto"`` picks bfloat16 factors under the ``"bf16-mixed"`` and
             ``"bf16-true"`` precisions and the default otherwise.
-        **options: The optimizer's keyword arguments (``lr``, ``structures``,
-            ``T``, ``fallback_lr``, ...).
+        alpha1: SINGD only: α₁, Riemannian momentum of the factor updates
+            (default 0.5; 0 for IKFAC).
+        lr_cov: SINGD only: β₁, the factor learning rate, a float or a callable
+            ``step -> float`` (default 1e-2).
+        structures: SINGD only: the ``(K's, C's)`` structure, or one for both:
+            names such as ``"diagonal"``, ``"hierarchical"``, or mappings such as
+            ``{"name": "block_diagonal", "block_size": 32}`` (default dense).
+        kfac_like: SINGD only: drop the trace scaling and Riemannian momentum
+            (default False; IKFAC is always KFAC-like).
+        normalize_lr_cov: SINGD only: normalised factor steps (default False).
+        max_factor_step: SINGD only: bound of a factor update's step, in (0, 1),
+            or None for the paper's unbounded update (default 0.5).
+        stat_decay: KFAC only: decay of the running curvature averages (default 0.95).
+        fallback: First-order method for parameters outside ``nn.Linear``/
+            ``nn.Conv2d``: ``"adamw"`` (default), ``"sgd"`` or ``"none"``.
+        fallback_lr: The fallback's learning rate (default: ``lr``).
+        fallback_betas: AdamW's ``(β1, β2)`` (default (0.9, 0.999)).
+        fallback_eps: AdamW's ε (default 1e-8).
+        fallback_weight_decay: The fallback's weight decay (default 0).
+        update_clip: Spike guard of the layer updates: the largest update norm
+            relative to its running RMS, or None for never (default 30).
+        init_grad_scale: The loss scale expected in the first backward pass
+            (default 1).
+        grad_scaler: A ``torch.amp.GradScaler`` to un-scale the statistics with
+            (default: the trainer's, under ``precision="16-mixed"``).
+        params: Parameter groups (default: the replaced optimizer's partition).
+
+    Raises:
+        ValueError: For an unknown optimizer, an option the chosen optimizer does
+            not take, or an invalid option value.
     """
 
-    def __init__(self, optimizer: str = "singd", log_diagnostics: bool = True, **options: Any) -> None:
-        super().__init__(log_diagnostics=log_diagnostics)
+    def __init__(
+        self,
+        optimizer: str = "singd",
+        log_diagnostics: bool = True,
+        *,
+        lr: float | None = None,
+        momentum: float | None = None,
+        damping: float | None = None,
+        weight_decay: float | None = None,
+        T: int | None = None,
+        kfac_approx: str | None = None,
+        loss_average: str | None = "batch",
+        preconditioner_dtype: str | tuple[str | None, str | None] | None = None,
+        alpha1: float | None = None,
+        lr_cov: float | Callable[[int], float] | None = None,
+        structures: StructureOption | tuple[StructureOption, StructureOption] | None = None,
+        kfac_like: bool | None = None,
+        normalize_lr_cov: bool | None = None,
+        max_factor_step: float | None = MAX_FACTOR_STEP,
+        stat_decay: float | None = None,
+        fallback: str | None = None,
+        fallback_lr: float | None = None,
+        fallback_betas: tuple[float, float] | None = None,
+        fallback_eps: float | None = None,
+        fallback_weight_decay: float | None = None,
+        update_clip: float | None = UPDATE_CLIP,
+        init_grad_scale: float | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
+    ) -> None:
         key = optimizer.lower() if isinstance(optimizer, str) else optimizer
         if key not in KRONECKER_OPTIMIZERS:
             raise ValueError(
                 f"Unknown optimizer {optimizer!r} for SINGDCallback. Valid names: {', '.join(KRONECKER_OPTIMIZERS)}."
             )
+        given = {
+            "lr": lr, "momentum": momentum, "damping": damping, "weight_decay": weight_decay, "T": T,
+            "kfac_approx": kfac_approx, "loss_average": loss_average,
+            "preconditioner_dtype": preconditioner_dtype, "alpha1": alpha1, "lr_cov": lr_cov,
+            "structures": structures, "kfac_like": kfac_like, "normalize_lr_cov": normalize_lr_cov,
+            "max_factor_step": max_factor_step, "stat_decay": stat_decay, "fallback": fallback,
+            "fallback_lr": fallback_lr, "fallback_betas": fallback_betas, "fallback_eps": fallback_eps,
+            "fallback_weight_decay": fallback_weight_decay, "update_clip": update_clip,
+            "init_grad_scale": init_grad_scale, "grad_scaler": grad_scaler, "params": params,
+        }
+        if params is not None:  # an iterator would be used up by the check below
+            given["params"] = list(params)
+        # A default means "the optimizer's default": pass on only what differs
+        # from it, so that each optimizer keeps its own defaults (IKFAC's α₁ = 0).
+        options = {name: value for name, value in given.items() if not _is_default(value, _DEFAULTS[name])}
+        accepted = _optimizer_options(KRONECKER_OPTIMIZERS[key])
+        foreign = [name for name in options if name not in accepted]
+        if foreign:
+            raise ValueError(
+                f"SINGDCallback: optimizer={key!r} does not take {', '.join(foreign)}; "
+                f"its options are {', '.join(sorted(accepted))}."
+            )
+        _check_options(KRONECKER_OPTIMIZERS[key], options)
+        super().__init__(log_diagnostics=log_diagnostics)
         self.optimizer_name = key
         self.options = options
         self.optimizer: KroneckerOptimizer | None = None
+        self._stand_in: tuple[LightningModule, Any] | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             check_strategy(trainer.strategy)
+            self._install_stand_in(pl_module)
+
+    def _install_stand_in(self, pl_module: LightningModule) -> None:
+        """Make the module's ``configure_optimizers`` return a placeholder instead
+        of None for this fit: the optimizer comes from ``on_fit_start``, so
+        Lightning's "returned None, no optimizer" warning would be wrong.
+
+        Lightning calls ``configure_optimizers`` (looked up on the instance) after
+        the callbacks' ``setup``; the placeholder is the ``_MockOptimizer`` Lightning
+        itself uses for None, which ``on_fit_start`` discards. The instance
+        attribute is removed on the first call, in ``on_fit_start`` and in
+        ``teardown``.
+        """
+        self._remove_stand_in()
+        original = pl_module.configure_optimizers
+
+        def configure_optimizers() -> Any:
+            self._remove_stand_in()
+            configured = original()
+            return _MockOptimizer() if configured is None else configured
+
+        self._stand_in = (pl_module, pl_module.__dict__.get("configure_optimizers", _MISSING))
+        pl_module.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
+
+    def _remove_stand_in(self) -> None:
+        if self._stand_in is None:
+            return
+        pl_module, previous = self._stand_in
+        self._stand_in = None
+        if previous is _MISSING:
+            pl_module.__dict__.pop("configure_optimizers", None)
+        else:
+            pl_module.__dict__["configure_optimizers"] = previous
 
     def _options(self, trainer: Trainer) -> dict[str, Any]:
         options = dict(self.options)
@@ -273,6 +418,7 @@ class SINGDCallback(SINGDDiagnostics):
         return options
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove_stand_in()
         strategy = trainer.strategy
         configured = [o for o in strategy.optimizers if not isinstance(o, _MockOptimizer)]
         if len(configured) > 1:
@@ -302,10 +448,62 @@ class SINGDCallback(SINGDDiagnostics):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
+        self._remove_stand_in()
         if stage == "fit" and self.optimizer is not None:
             # The module may be fitted again (Lightning calls configure_optimizers
             # anew): leave no curvature hooks behind.
             self.optimizer.remove_hooks()
 
 
-__all__ = ["SINGDCallback", "SINGDDiagnostics"]
+_MISSING = object()
+
+#: The defaults of SINGDCallback's optimizer options, by name.
+_DEFAULTS: dict[str, Any] = {
+    name: parameter.default
+    for name, parameter in inspect.signature(SINGDCallback.__init__).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+}
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    if default is None:
+        return value is None
+    return value is not None and not callable(value) and value == default
+
+
+def _optimizer_options(cls: type[KroneckerOptimizer]) -> set[str]:
+    """The keyword options of a Kronecker optimizer class: the named parameters of
+    its ``__init__`` and of those it forwards ``**kwargs`` to (its bases')."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if not (isinstance(klass, type) and issubclass(klass, KroneckerOptimizer)):
+            break
+        if "__init__" not in vars(klass):
+            continue
+        for name, parameter in inspect.signature(klass.__init__).parameters.items():
+            if parameter.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL):
+                continue
+            if name not in ("self", "model", "defaults"):
+                names.add(name)
+    return names
+
+
+def _check_options(cls: type[KroneckerOptimizer], options: dict[str, Any]) -> None:
+    """Raise the optimizer's own ``ValueError``/``TypeError`` for a bad option now,
+    not when fitting starts.
+
+    The optimizer is built on a throwaway ``nn.Linear(1, 1)`` (a few scalars):
+    the checks are then exactly the optimizer's, structures included. Its
+    warnings (such as IKFAC's ignored ``alpha1``) are left to the real build.
+    """
+    probe_options = {name: value for name, value in options.items() if name not in ("params", "grad_scaler")}
+    if probe_options.get("preconditioner_dtype") == "auto":
+        probe_options["preconditioner_dtype"] = None
+    check_grad_scaler(options.get("grad_scaler"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probe = cls(nn.Linear(1, 1), **probe_options)
+    probe.remove_hooks()
+
+
+__all__ = ["SINGDCallback", "SINGDDiagnostics", "StructureOption"]

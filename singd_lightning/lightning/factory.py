@@ -31,6 +31,13 @@ FIRST_ORDER_OPTIMIZERS: dict[str, type[Optimizer]] = {
 }
 OPTIMIZER_NAMES = (*KRONECKER_OPTIMIZERS, *FIRST_ORDER_OPTIMIZERS)
 
+#: A callable that builds the optimizer from the module: LightningCLI's pattern
+#: for modules that build their own optimizer, for SINGD (which takes the model,
+#: not its parameters). Type a module's ``optimizer`` argument with it, call
+#: ``configure_singd(self, self.optimizer)`` in ``configure_optimizers``, and pick
+#: it with ``--model.optimizer=singd_lightning.SINGD --model.optimizer.lr=...``.
+ModelOptimizerCallable = Callable[[nn.Module], Optimizer]
+
 SchedulerSpec = Union[
     Callable[[Optimizer], LRScheduler],  # e.g. functools.partial(StepLR, step_size=10)
     Mapping[str, Any],  # Lightning's lr_scheduler config with a callable "scheduler"
@@ -38,14 +45,18 @@ SchedulerSpec = Union[
 ]
 
 
-def build_optimizer(module: nn.Module, name: str | type = "singd", **options: Any) -> Optimizer:
+def build_optimizer(
+    module: nn.Module, name: str | type | ModelOptimizerCallable = "singd", **options: Any
+) -> Optimizer:
     """Build an optimizer by name for ``module``.
 
     Args:
         module: The model (a ``LightningModule`` or any ``nn.Module``).
-        name: One of ``singd``, ``ingd``, ``ikfac``, ``kfac``, ``adamw``, ``sgd``, or
-            an optimizer class (a Kronecker class receives ``module``, any other
-            class the trainable parameters).
+        name: One of ``singd``, ``ingd``, ``ikfac``, ``kfac``, ``adamw``, ``sgd``, an
+            optimizer class (a Kronecker class receives ``module``, any other
+            class the trainable parameters), or a :data:`ModelOptimizerCallable`
+            (called with ``module``, e.g. what LightningCLI parses for
+            ``--model.optimizer=singd_lightning.SINGD``).
         **options: The optimizer's keyword arguments.
 
     When ``module`` is a ``LightningModule`` attached to a ``Trainer`` (i.e. this is
@@ -65,6 +76,8 @@ def build_optimizer(module: nn.Module, name: str | type = "singd", **options: An
             cls = FIRST_ORDER_OPTIMIZERS[key]
         else:
             raise ValueError(f"Unknown optimizer {name!r}. Valid names: {', '.join(OPTIMIZER_NAMES)}.")
+    elif not isinstance(name, type) and callable(name):
+        return _build_from_callable(module, name, **options)
     else:
         cls = name
     if isinstance(cls, type) and issubclass(cls, KroneckerOptimizer):
@@ -77,6 +90,26 @@ def build_optimizer(module: nn.Module, name: str | type = "singd", **options: An
                 attach_trainer_grad_scaler(optimizer, trainer)
         return optimizer
     return cls([p for p in module.parameters() if p.requires_grad], **options)
+
+
+def _build_from_callable(module: nn.Module, factory: ModelOptimizerCallable, **options: Any) -> Optimizer:
+    optimizer = factory(module, **options)
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"name: the optimizer callable {factory!r} must return a torch Optimizer when called "
+            f"with the module, got {type(optimizer).__name__}."
+        )
+    trainer = attached_trainer(module)
+    if trainer is not None and isinstance(optimizer, KroneckerOptimizer):
+        # Whether the callable builds a Kronecker optimizer is known only now.
+        try:
+            check_strategy(trainer.strategy)
+        except ValueError:
+            optimizer.remove_hooks()
+            raise
+        if optimizer.grad_scaler is None:
+            attach_trainer_grad_scaler(optimizer, trainer)
+    return optimizer
 
 
 def attached_trainer(module: nn.Module) -> Any:
@@ -124,7 +157,7 @@ def _scheduler_config(optimizer: Optimizer, scheduler: SchedulerSpec) -> dict[st
 
 def configure_singd(
     module: nn.Module,
-    optimizer: str | type = "singd",
+    optimizer: str | type | ModelOptimizerCallable = "singd",
     scheduler: SchedulerSpec = None,
     **options: Any,
 ) -> dict[str, Any]:
@@ -146,7 +179,7 @@ def configure_singd(
 
     Args:
         module: The LightningModule.
-        optimizer: Name or class, see :func:`build_optimizer`.
+        optimizer: Name, class or callable, see :func:`build_optimizer`.
         scheduler: A callable that builds an LR scheduler from the optimizer, or a
             Lightning ``lr_scheduler`` dict whose ``"scheduler"`` is such a callable.
         **options: The optimizer's keyword arguments.
