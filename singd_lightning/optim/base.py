@@ -126,6 +126,10 @@ class KroneckerOptimizer(Optimizer):
             unwrapped). Its ``nn.Linear`` and ``nn.Conv2d`` layers are preconditioned.
         params: None (all trainable parameters of ``model``), an iterable of
             parameters, or parameter groups (dicts) with their own hyper-parameters.
+            A layer's preconditioner follows its weight's group; every parameter
+            steps with its own group's ``lr``, ``momentum`` and ``weight_decay``: a
+            bias in another group (timm's no-decay group) is still preconditioned
+            with its weight.
         defaults: The subclass's hyper-parameters (validated per group).
         fallback: First-order method for parameters outside supported layers:
             ``"adamw"``, ``"sgd"`` or ``"none"`` (left frozen, with a warning).
@@ -133,6 +137,8 @@ class KroneckerOptimizer(Optimizer):
         fallback_betas: AdamW's ``(β1, β2)``.
         fallback_eps: AdamW's ε.
         fallback_weight_decay: The fallback's weight decay (decoupled for AdamW).
+            A group that sets ``weight_decay`` but not ``fallback_weight_decay``
+            uses its ``weight_decay`` for its fallback parameters.
         update_clip: Spike guard: a layer's preconditioned update whose norm is
             more than ``update_clip`` times the running RMS of its recent norms is
             an outlier and is scaled down to that running RMS (None: never, the

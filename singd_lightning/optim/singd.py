@@ -43,7 +43,8 @@ class SINGD(KroneckerOptimizer):
         model: The model; DataParallel/DistributedDataParallel wrappers are unwrapped.
         params: None (every trainable parameter), parameters, or parameter groups
             (dicts that may override any hyper-parameter below, ``structures``
-            included).
+            included). Weight decay, ``lr`` and ``momentum`` apply per parameter:
+            a bias in a no-decay group is preconditioned with its weight all the same.
         lr: β₂, the parameter learning rate.
         momentum: α₂, momentum on the parameter updates, in [0, 1).
         damping: λ, damping of the factor updates.
