@@ -306,6 +306,8 @@ class SINGDCallback(SINGDDiagnostics):
     Raises:
         ValueError: For an unknown optimizer, an option the chosen optimizer does
             not take, or an invalid option value.
+        TypeError: For a flag that is not a bool, or a ``grad_scaler`` that is not
+            a ``torch.amp.GradScaler``.
     """
 
     def __init__(
@@ -353,7 +355,7 @@ class SINGDCallback(SINGDDiagnostics):
             "fallback_weight_decay": fallback_weight_decay, "update_clip": update_clip,
             "init_grad_scale": init_grad_scale, "grad_scaler": grad_scaler, "params": params,
         }
-        if params is not None:  # an iterator would be used up by the check below
+        if params is not None:  # a generator would be used up by the first fit
             given["params"] = list(params)
         # A default means "the optimizer's default": pass on only what differs
         # from it, so that each optimizer keeps its own defaults (IKFAC's α₁ = 0).
