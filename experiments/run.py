@@ -11,10 +11,14 @@ process, so a crash cannot take the suite down. Afterwards ``OUT`` holds:
 - ``results.md``: the paper-style table (test error and peak memory per optimizer and
   model, one table per data set and precision) and a list of failed/diverged jobs;
 - ``test_error_<data>_<model>_<precision>.png``: test error over epochs per optimizer
-  (from each job's CSV log), and ``peak_memory.png``: peak memory and optimizer-state
-  size per optimizer.
+  (from each job's CSV log), and ``memory.png``: the optimizer-state size and, for GPU
+  jobs, the peak GPU memory per optimizer. Every figure gives an optimizer the same
+  colour; a missing value is left out, never drawn as 0.
 
 A failed or diverged job shows as such in the tables and does not stop the suite.
+With ``--wandb PROJECT`` the report also goes to W&B: the table, the plots and the
+files as an artifact, in a run of its own (each job's run summary holds its
+``results.json`` when the jobs use ``-o logger=wandb``).
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ STRUCTURE_LABELS = {
 CSV_COLUMNS = (
     "job", "label", "status", "error", "test_acc", "test_err", "best_val_acc", "final_train_loss",
     "step_time_ms", "optimizer_step_ms", "peak_memory_mb", "memory_kind", "optimizer_state_mb", "optimizer", "structure",
-    "precision", "model", "data", "epochs", "wall_time_s", "returncode", "expect", "run_dir",
+    "precision", "trainer_precision", "model", "data", "epochs", "wall_time_s", "returncode", "expect", "run_dir",
 )  # fmt: skip
 
 
@@ -222,8 +226,11 @@ def run_job(job: Job, out: Path, extra: Sequence[str], python: str, timeout: flo
     if results_file.exists():
         result = json.loads(results_file.read_text())
         for key in CSV_COLUMNS:
-            if key in result and result[key] is not None and key not in ("run_dir",):
+            # "precision" stays the job's group option (the tables' key); what the trainer ran
+            # (results.json's "precision", e.g. bf16-mixed) goes to "trainer_precision"
+            if key in result and result[key] is not None and key not in ("run_dir", "precision"):
                 row[key] = result[key]
+        row["trainer_precision"] = result.get("precision")
         row["status"] = result.get("status") or "failed"
         row["error"] = result.get("error")
     else:
@@ -350,78 +357,163 @@ def _epoch_test_error(run_dir: Path) -> tuple[list[int], list[float], str]:
     return [], [], ""
 
 
-def make_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Test error over epochs per (data, model, precision) and the memory bar chart."""
+#: One colour per optimizer in every figure (matplotlib's "tab" colours).
+OPTIMIZER_COLORS = {
+    "sgd": "tab:gray",
+    "adamw": "tab:orange",
+    "kfac": "tab:green",
+    "ikfac": "tab:red",
+    "ingd": "tab:purple",
+    "singd": "tab:blue",
+}
+#: Line styles and bar hatches that tell apart the variants (structures, ...) of one optimizer.
+LINESTYLES = ("-", "--", ":", "-.")
+HATCHES = ("", "//", "..", "xx")
+#: ``memory_kind`` of a GPU run (``torch.cuda.max_memory_allocated``).
+GPU_MEMORY = "cuda_max_allocated"
+
+
+def label_styles(rows: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Colour (the optimizer's), line style and hatch (the variant's rank within its
+    optimizer) of every label, the same in every figure of a report."""
+    styles: dict[str, dict[str, str]] = {}
+    variants: dict[str, int] = {}
+    for label in _label_order(rows):
+        optimizer = next(r["optimizer"] for r in rows if r["label"] == label)
+        i = variants.get(optimizer, 0)
+        variants[optimizer] = i + 1
+        styles[label] = {"color": OPTIMIZER_COLORS.get(optimizer, "black"),
+                         "linestyle": LINESTYLES[i % len(LINESTYLES)], "hatch": HATCHES[i % len(HATCHES)]}  # fmt: skip
+    return styles
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float; None if missing or not finite (never drawn as 0)."""
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _legend_outside(ax: Any) -> None:
+    """The legend right of the axes, so that it hides no data."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
+def make_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's figures by file name: test error over epochs per (data, model,
+    precision) and ``memory.png``: the optimizer state and, for GPU runs, the peak GPU
+    memory per optimizer. The process's peak RSS of a CPU run is left out (it is the
+    Python process, about the same for every optimizer)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    written = []
+    styles = label_styles(rows)
+    figures: dict[str, Any] = {}
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((str(r.get("data") or "data"), r["model"], r["precision"]), []).append(r)
     for (data, model, precision), subset in groups.items():
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7, 4))
         what = "test"
         for label in _label_order(subset):
             r = next(x for x in subset if x["label"] == label)
             epochs, errors, kind = _epoch_test_error(Path(r["run_dir"]))
             what = kind or what
             suffix = "" if r["status"] == "ok" else f" ({r['status']})"
-            if epochs:
-                ax.plot(epochs, errors, marker="o", markersize=3, label=label + suffix)
-            else:
-                ax.plot([], [], label=label + suffix)
+            style = styles[label]
+            ax.plot(epochs, errors, marker="o", markersize=3, color=style["color"], linestyle=style["linestyle"],
+                    label=label + suffix)  # fmt: skip
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"{what} error (%)")
         ax.set_title(f"{data} / {model} / {precision}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"test_error_{data}_{model}_{precision}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        _legend_outside(ax)
+        figures[f"test_error_{data}_{model}_{precision}.png"] = fig
 
-    # Peak memory and optimizer state per optimizer (bars), one group of bars per model/precision.
+    # Bars per optimizer, one group per model/precision; a missing value gets no bar.
+    panels = [("optimizer_state_mb", "optimizer state (MB)", rows)]
+    gpu_rows = [r for r in rows if r.get("memory_kind") == GPU_MEMORY]
+    if gpu_rows:
+        panels.append(("peak_memory_mb", "peak GPU memory (MB)", gpu_rows))
     keys = list(dict.fromkeys((r["model"], r["precision"]) for r in rows))
     labels = _label_order(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(labels) + 4), 4.5))
-    width = 0.8 / max(1, len(keys))
-    for panel, (column, title) in enumerate((("peak_memory_mb", "peak memory (MB)"),
-                                             ("optimizer_state_mb", "optimizer state (MB)"))):  # fmt: skip
-        ax = axes[panel]
-        for k, (model, precision) in enumerate(keys):
-            values = []
-            for label in labels:
-                match = next((r for r in rows if r["label"] == label and r["model"] == model
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(7, 1.5 * len(keys) + 5) * len(panels), 4.5), squeeze=False)
+    width = 0.8 / max(1, len(labels))
+    for ax, (column, title, panel_rows) in zip(axes[0], panels):
+        for i, label in enumerate(labels):
+            xs, heights = [], []
+            for k, (model, precision) in enumerate(keys):
+                match = next((r for r in panel_rows if r["label"] == label and r["model"] == model
                               and r["precision"] == precision), None)  # fmt: skip
-                value = None if match is None else match.get(column)
-                values.append(float(value) if value not in (None, "") else 0.0)
-            xs = [i + (k - (len(keys) - 1) / 2) * width for i in range(len(labels))]
-            ax.bar(xs, values, width=width, label=f"{model}/{precision}")
-        ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+                value = None if match is None else _number(match.get(column))
+                if value is not None:
+                    xs.append(k + (i - (len(labels) - 1) / 2) * width)
+                    heights.append(value)
+            style = styles[label]
+            ax.bar(xs, heights, width=width, color=style["color"], hatch=style["hatch"], edgecolor="white",
+                   label=label)  # fmt: skip
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels([f"{m}/{p}" for m, p in keys], fontsize=8)
         ax.set_ylabel(title)
         ax.grid(axis="y", alpha=0.3)
-        if panel == 0:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "peak_memory.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    _legend_outside(axes[0][-1])
+    figures["memory.png"] = fig
+    return figures
+
+
+def make_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Write :func:`make_figures` into ``out``; return the paths."""
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, fig in make_figures(rows).items():
+        path = out / name
+        fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight": the legend outside stays in
+        plt.close(fig)
+        written.append(path)
     return written
 
 
-def report(rows: list[dict[str, Any]], out: Path, suite: str) -> None:
-    """Write results.csv, results.md and the plots."""
+def report(rows: list[dict[str, Any]], out: Path, suite: str) -> list[Path]:
+    """Write results.csv, results.md and the plots; return the plots' paths."""
     write_csv(rows, out / "results.csv")
     (out / "results.md").write_text(markdown_report(rows, suite))
-    make_plots(rows, out)
+    return make_plots(rows, out)
+
+
+def log_report_to_wandb(rows: list[dict[str, Any]], out: Path, suite: str, plots: Sequence[Path],
+                        project: str, offline: bool | str = "auto") -> Any:  # fmt: skip
+    """One W&B run (``job_type="report"``) holding the suite's report: ``results.csv``
+    as the table ``results``, every plot as an image, and results.csv/.md and the plots
+    as the artifact ``<suite>-report``. ``offline: auto`` as in the app's W&B logger
+    (offline unless W&B has credentials); the run is saved under ``out/wandb``.
+
+    Returns:
+        The finished W&B run.
+    """
+    import wandb
+
+    from singd_lightning.app.hydra_utils import resolve_wandb_offline
+
+    mode = "offline" if resolve_wandb_offline(offline) else "online"
+    run = wandb.init(project=project, job_type="report", name=f"{suite}-report", dir=str(out), mode=mode,
+                     config={"suite": suite, "jobs": len(rows)})  # fmt: skip
+    table = wandb.Table(columns=list(CSV_COLUMNS), data=[[row.get(c) for c in CSV_COLUMNS] for row in rows])
+    run.log({"results": table, **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
+    artifact = wandb.Artifact(f"{suite}-report", type="report")
+    for path in (out / "results.csv", out / "results.md", *plots):
+        artifact.add_file(str(path))
+    run.log_artifact(artifact)
+    run.finish()
+    return run
 
 
 # ------------------------------------------------------------------ CLI
@@ -431,16 +523,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=SUITES, required=True, help="which grid to run")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--limit", type=int, default=None, help="run only the first N jobs")
-    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZER_LABELS), help="only these optimizers")
-    parser.add_argument("--models", nargs="+", choices=PAPER_MODELS, help="paper suites: only these models")
-    parser.add_argument("--structures", nargs="+", help="paper suites: SINGD structures (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=None, help="run only the first N jobs (default: all)")
+    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZER_LABELS),
+                        help=f"only these optimizers (default: all: {' '.join(OPTIMIZER_LABELS)})")
+    parser.add_argument("--models", nargs="+", choices=PAPER_MODELS,
+                        help=f"paper suites: only these models (default: {' '.join(PAPER_MODELS)})")
+    parser.add_argument("--structures", nargs="+",
+                        help=f"paper suites: SINGD structures (default: {' '.join(PAPER_STRUCTURES)})")
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "bf16-true", "fp16"),
-                        help="paper suites: precisions (default: fp32 bf16)")
+                        help=f"paper suites: precisions (default: {' '.join(PAPER_PRECISIONS)})")
     parser.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE",
                         help="extra Hydra override for every job (repeatable), e.g. -o trainer.max_epochs=1")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per job before it is killed")
-    parser.add_argument("--python", default=sys.executable, help="interpreter for the jobs")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per job before it is killed (default: none)")
+    parser.add_argument("--python", default=sys.executable, help="interpreter for the jobs (default: %(default)s)")
+    parser.add_argument("--wandb", metavar="PROJECT", default=None,
+                        help="also log the report (table, plots, files) to this W&B project; offline without "
+                             "W&B credentials (default: no W&B)")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from OUT/results.csv")
     return parser.parse_args(argv)
@@ -460,7 +558,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
-        report(_read_rows(out / "results.csv"), out, args.suite)
+        rows = _read_rows(out / "results.csv")
+        plots = report(rows, out, args.suite)
+        if args.wandb:
+            log_report_to_wandb(rows, out, args.suite, plots, args.wandb)
         return 0
     jobs = suite_jobs(args)
     if args.dry_run:
@@ -476,8 +577,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = f"test_acc={_fmt(row.get('test_acc'), '.4f')}" if row["status"] == "ok" else (row.get("error") or "")
         print(f"[{i}/{len(jobs)}] {job.name}: {row['status']} {summary[:200]} ({_fmt(row.get('wall_time_s'), '.0f')} s)",
               flush=True)  # fmt: skip
-        report(rows, out, args.suite)  # keep the report current while the suite runs
+        plots = report(rows, out, args.suite)  # keep the report current while the suite runs
     print(f"Wrote {out / 'results.csv'}, {out / 'results.md'} and plots in {out}")
+    if args.wandb and rows:
+        log_report_to_wandb(rows, out, args.suite, plots, args.wandb)
     return 0
 
 

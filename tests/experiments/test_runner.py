@@ -45,6 +45,10 @@ def test_smoke_suite_end_to_end(tmp_path: Path) -> None:
     assert status["singd_diagonal_vgg_small_fp32"] == "ok"
     assert status["sgd_vgg_small_fp32_lr1e6"] == "diverged"  # reported, and the suite went on
     assert status["kfac_vgg_small_bf16-true"] in ("ok", "diverged", "failed")  # whatever happens
+    # "precision" is the job's group option (the tables' key), "trainer_precision" what ran
+    assert [(r["precision"], r["trainer_precision"]) for r in rows] == [
+        ("fp32", "32-true"), ("fp32", "32-true"), ("bf16-true", "bf16-true"),
+    ]  # fmt: skip
     for r in rows:
         assert r["optimizer"] and r["model"] == "vgg_small" and r["data"] == "digits"
         assert float(r["peak_memory_mb"]) > 0 and float(r["step_time_ms"]) > 0
@@ -54,7 +58,7 @@ def test_smoke_suite_end_to_end(tmp_path: Path) -> None:
     assert "| SINGD-Diag | " in report and "| SGD (lr=1e6) | diverged |" in report
     assert "| KFAC | " in report
     assert "## digits, fp32" in report and "## digits, bf16-true" in report
-    for png in ("test_error_digits_vgg_small_fp32.png", "test_error_digits_vgg_small_bf16-true.png", "peak_memory.png"):
+    for png in ("test_error_digits_vgg_small_fp32.png", "test_error_digits_vgg_small_bf16-true.png", "memory.png"):
         assert (out / png).read_bytes().startswith(PNG), png
     for r in rows:
         run_dir = Path(r["run_dir"])
@@ -78,7 +82,7 @@ def test_failed_and_diverged_jobs_show_in_the_table(tmp_path: Path) -> None:
     assert "RuntimeError: boom" in report
     assert report.index("| AdamW |") < report.index("| KFAC |") < report.index("| SINGD-Diag |")  # paper order
     runner.report(rows, tmp_path, "cifar100")  # plots with missing logs still render
-    assert (tmp_path / "peak_memory.png").read_bytes().startswith(PNG)
+    assert (tmp_path / "memory.png").read_bytes().startswith(PNG)
     assert (tmp_path / "test_error_cifar100_vgg_bf16.png").exists()
 
 
