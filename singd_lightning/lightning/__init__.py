@@ -5,6 +5,7 @@ diagnostics callback."""
 from singd_lightning.lightning.callback import SINGDCallback, SINGDDiagnostics
 from singd_lightning.lightning.factory import (
     OPTIMIZER_NAMES,
+    ModelOptimizerCallable,
     build_optimizer,
     configure_singd,
 )
@@ -12,6 +13,7 @@ from singd_lightning.lightning.schedulers import retarget_scheduler
 from singd_lightning.lightning.strategy import SUPPORTED_STRATEGIES, check_strategy
 
 __all__ = [
+    "ModelOptimizerCallable",
     "OPTIMIZER_NAMES",
     "SUPPORTED_STRATEGIES",
     "SINGDCallback",
