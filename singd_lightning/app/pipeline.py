@@ -77,8 +77,9 @@ def build_model(cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
         raise
 
 
-def build_module(cfg: DictConfig, net: torch.nn.Module) -> ImageClassifier:
-    """The LightningModule with the optimizer options and LR scheduler of ``cfg``."""
+def build_module(cfg: DictConfig, net: torch.nn.Module, num_classes: int | None = None) -> ImageClassifier:
+    """The LightningModule with the optimizer options and LR scheduler of ``cfg``
+    (``num_classes``: the data's; None: ``net.num_classes``)."""
     optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
     scheduler = hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     return ImageClassifier(
