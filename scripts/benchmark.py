@@ -21,6 +21,11 @@ Examples::
     python scripts/benchmark.py                          # everything (long on CPU)
     python scripts/benchmark.py --models vgg --T 1 10 --json bench.json
     python scripts/benchmark.py --device cuda --dtype bf16
+    python scripts/benchmark.py --models vgg --methods ours --compile   # torch.compile'd models
+
+With ``--compile`` every configuration's model is wrapped in ``torch.compile``
+(``--compile-backend``, default inductor) before its optimizer is built; the
+compilation happens in the ``--warmup`` steps, which must be at least 1.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class Config:
     batch_size: int = 64
     device: str = "cpu"
     dtype: str = "fp32"
+    compile: str = ""  # torch.compile backend; "": eager
 
 
 @dataclass
@@ -146,6 +152,8 @@ class _Trainee:
         device = torch.device(config.device)
         self.config = config
         self.model = build_model(config.model).to(device)
+        if config.compile:
+            self.model = torch.compile(self.model, backend=config.compile)
         self.x = torch.randn(config.batch_size, 3, 32, 32, device=device)
         self.y = torch.randint(0, 100, (config.batch_size,), device=device)
         self.optimizer = build_optimizer(config, self.model)
@@ -258,7 +266,10 @@ def _peak_main(config_json: str, steps: int) -> None:
 
 def configurations(args) -> list[Config]:
     configs = []
-    common = dict(batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    common = dict(
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+        compile=args.compile_backend if args.compile else "",
+    )
     for model in args.models:
         configs += [Config(model, "adamw", **common), Config(model, "sgd", **common)]
         # T > 1 is amortized with the collecting step, timed as the T = 1 step.
@@ -316,14 +327,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
     parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--json", help="write all results to this file")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (timed after --warmup)")
+    parser.add_argument("--compile-backend", default="inductor", help="the torch.compile backend of --compile")
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.compile and args.warmup < 1:
+        parser.error("--warmup must be at least 1 with --compile (the first steps compile the model)")
     if args.peak_of:
         _peak_main(args.peak_of, args.steps)
         return
     print(f"# {platform.node()} · {platform.processor() or platform.machine()} · {os.cpu_count()} CPUs · "
           f"torch {torch.__version__} · {args.device}"
-          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "") + f" · {args.dtype}", flush=True)
+          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "") + f" · {args.dtype}"
+          + (f" · torch.compile ({args.compile_backend})" if args.compile else " · eager"), flush=True)
     results = []
     configs = configurations(args)
     for model in args.models:  # one interleaved group per model

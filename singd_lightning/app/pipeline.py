@@ -68,13 +68,35 @@ def build_model(cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
     Raises:
         ConfigError: ``cfg.model`` has a key the model does not take.
     """
+    backend = _compile_backend(cfg.get("compile", False))
     factory = hydra.utils.instantiate(cfg.model)
     try:
-        return factory(num_classes=datamodule.num_classes, in_chans=datamodule.in_chans)
+        net = factory(num_classes=datamodule.num_classes, in_chans=datamodule.in_chans)
     except TypeError as err:
         if "unexpected keyword argument" in str(err):  # a key of cfg.model the network lacks
             raise ConfigError(f"model: {err}.") from err
         raise
+    if backend is not None:
+        # In place (nn.Module.compile): parameter names, and so checkpoints, stay
+        # those of the plain network.
+        net.compile(backend=backend)
+    return net
+
+
+def _compile_backend(value: Any) -> str | None:
+    """The ``torch.compile`` backend that ``compile`` asks for (None: no compile).
+
+    Raises:
+        ConfigError: ``compile`` is neither a bool nor a backend's name.
+    """
+    if isinstance(value, bool):
+        return "inductor" if value else None
+    if isinstance(value, str):
+        if value in torch._dynamo.list_backends(exclude_tags=()):
+            return value
+        common = ", ".join(["eager", "aot_eager", *torch._dynamo.list_backends()])
+        raise ConfigError(f"compile: {value!r} is not a torch.compile backend; valid: true, false, {common}.")
+    raise ConfigError(f"compile: expected true, false or a torch.compile backend name, got {value!r}.")
 
 
 def build_module(cfg: DictConfig, net: torch.nn.Module, num_classes: int | None = None) -> ImageClassifier:

@@ -6,7 +6,10 @@ one forward hook per layer; in steps that collect statistics the hook places a
 tensor hook on the layer's output, which turns the stored input and the incoming
 output gradient into the matrices of SPEC §1 and hands them to a *sink* (the
 optimizer decides what to compute from them: structured projections for SINGD,
-dense Gram matrices for KFAC).
+dense Gram matrices for KFAC). In a ``torch.compile``d forward pass the hook instead
+routes the output gradient through an op the compiler keeps opaque (see
+:func:`_curvature_grad`): the model stays one graph, compiled once, and the
+statistics are computed eagerly from the same tensors as in eager mode.
 
 Conventions (SPEC §1), for one backward pass through a layer: the sink receives
 ``x_in`` (``Aᵀ``, shape ``(d_K, n)``, rows of ``A`` = the possibly averaged inputs

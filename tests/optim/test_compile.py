@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,8 @@ from torch._dynamo.utils import counters
 
 from singd_lightning.optim import KFAC, SINGD
 from singd_lightning.optim.base import unwrap_model
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _vgg() -> nn.Sequential:
@@ -43,14 +48,18 @@ def _fresh_dynamo():
 
 
 @pytest.mark.parametrize(
-    ("method", "T", "backend"),
-    [(SINGD, 1, "eager"), (SINGD, 2, "aot_eager"), (KFAC, 1, "aot_eager"), (KFAC, 3, "eager")],
+    ("method", "T", "backend", "in_place"),
+    [(SINGD, 1, "eager", False), (SINGD, 2, "aot_eager", True), (KFAC, 1, "aot_eager", False), (KFAC, 3, "eager", False)],
 )
-def test_compiled_model_trains_like_eager_in_one_graph(method, T: int, backend: str):
+def test_compiled_model_trains_like_eager_in_one_graph(method, T: int, backend: str, in_place: bool):
     torch.manual_seed(0)
     eager = _vgg()
     compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model, backend=backend)
+    if in_place:  # nn.Module.compile
+        compiled_model.compile(backend=backend)
+        compiled = compiled_model
+    else:
+        compiled = torch.compile(compiled_model, backend=backend)
     kwargs = dict(lr=0.05, T=T) if method is SINGD else dict(lr=0.05, T=T, damping=1e-3)
     if method is SINGD:
         kwargs["structures"] = ("dense", "diagonal")
@@ -84,3 +93,22 @@ def test_compiled_model_keys_state_like_the_plain_model():
         for key, value in state.items():
             torch.testing.assert_close(plain.layer_state[name][key], value)
 
+
+
+def test_benchmark_compiles_every_model(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import benchmark
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "bench.json"
+    common = ["--models", "convmixer", "--methods", "ours", "--structures", "diagonal", "--T", "1",
+              "--batch-size", "2", "--steps", "1", "--no-peak", "--compile", "--compile-backend", "eager"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        benchmark.main([*common, "--warmup", "0"])
+    assert "--warmup must be at least 1 with --compile" in capsys.readouterr().err
+    benchmark.main([*common, "--warmup", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert {(r["method"], r["compile"]) for r in rows} == {("adamw", "eager"), ("sgd", "eager"), ("ours", "eager")}
+    assert all(r["error"] == "" and r["step_ms"] > 0 for r in rows)
+    assert counters["stats"]["unique_graphs"] >= 1  # the models ran compiled (eager: no graph)
