@@ -49,7 +49,12 @@ def _fresh_dynamo():
 
 @pytest.mark.parametrize(
     ("method", "T", "backend", "in_place"),
-    [(SINGD, 1, "eager", False), (SINGD, 2, "aot_eager", True), (KFAC, 1, "aot_eager", False), (KFAC, 3, "eager", False)],
+    [
+        (SINGD, 1, "eager", False),
+        (SINGD, 2, "aot_eager", True),
+        (KFAC, 1, "aot_eager", False),
+        (KFAC, 3, "eager", False),
+    ],
 )
 def test_compiled_model_trains_like_eager_in_one_graph(method, T: int, backend: str, in_place: bool):
     torch.manual_seed(0)
