@@ -40,7 +40,7 @@ from singd_lightning.app.hydra_utils import (
 )
 from singd_lightning.app.module import ImageClassifier
 from singd_lightning.app.results import empty_results, summary_values, write_results
-from singd_lightning.app.validation import check_checkpoint, validate_config
+from singd_lightning.app.validation import check_checkpoint, compile_backend, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def build_model(cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
     Raises:
         ConfigError: ``cfg.model`` has a key the model does not take.
     """
-    backend = _compile_backend(cfg.get("compile", False))
+    backend = compile_backend(cfg.get("compile", False))
     factory = hydra.utils.instantiate(cfg.model)
     try:
         net = factory(num_classes=datamodule.num_classes, in_chans=datamodule.in_chans)
@@ -81,22 +81,6 @@ def build_model(cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
         # those of the plain network.
         net.compile(backend=backend)
     return net
-
-
-def _compile_backend(value: Any) -> str | None:
-    """The ``torch.compile`` backend that ``compile`` asks for (None: no compile).
-
-    Raises:
-        ConfigError: ``compile`` is neither a bool nor a backend's name.
-    """
-    if isinstance(value, bool):
-        return "inductor" if value else None
-    if isinstance(value, str):
-        if value in torch._dynamo.list_backends(exclude_tags=()):
-            return value
-        common = ", ".join(["eager", "aot_eager", *torch._dynamo.list_backends()])
-        raise ConfigError(f"compile: {value!r} is not a torch.compile backend; valid: true, false, {common}.")
-    raise ConfigError(f"compile: expected true, false or a torch.compile backend name, got {value!r}.")
 
 
 def build_module(cfg: DictConfig, net: torch.nn.Module, num_classes: int | None = None) -> ImageClassifier:

@@ -106,13 +106,32 @@ def validate_scheduler(scheduler: Mapping[str, Any] | None) -> None:
         )
 
 
+def compile_backend(value: Any) -> str | None:
+    """The ``torch.compile`` backend that ``compile`` asks for (None: no compile).
+
+    Raises:
+        ConfigError: ``compile`` is neither a bool nor a backend's name.
+    """
+    if isinstance(value, bool):
+        return "inductor" if value else None
+    if isinstance(value, str):
+        import torch._dynamo  # only for a backend name: the compiler is a heavy import
+
+        if value in torch._dynamo.list_backends(exclude_tags=()):
+            return value
+        common = ", ".join(["eager", "aot_eager", *torch._dynamo.list_backends()])
+        raise ConfigError(f"compile: {value!r} is not a torch.compile backend; valid: true, false, {common}.")
+    raise ConfigError(f"compile: expected true, false or a torch.compile backend name, got {value!r}.")
+
+
 def validate_config(cfg: Mapping[str, Any]) -> None:
     """Check the composed config of ``python train.py`` before anything is built.
 
     Covers the trainer (:func:`validate_trainer`), the scheduler
     (:func:`validate_scheduler`) and the top-level keys ``seed`` (integer or null),
     ``num_threads`` (>= 1 or null), ``label_smoothing`` (in [0, 1]), ``test`` and
-    ``eval_test_every_epoch`` (booleans) and ``ckpt_path`` (a path or null). The
+    ``eval_test_every_epoch`` (booleans), ``compile`` (:func:`compile_backend`) and
+    ``ckpt_path`` (a path or null). The
     optimizer, model and data modules check their own arguments.
 
     Raises:
@@ -131,6 +150,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         value = cfg.get(key, False)
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}.")
+    compile_backend(cfg.get("compile", False))
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and not isinstance(ckpt_path, (str, os.PathLike)):
         raise ConfigError(f"ckpt_path must be the path of a checkpoint file or null, got {ckpt_path!r}.")

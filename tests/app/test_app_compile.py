@@ -10,7 +10,8 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from singd_lightning.app.errors import ConfigError
-from singd_lightning.app.pipeline import _compile_backend, build_model, train
+from singd_lightning.app.pipeline import build_model, train
+from singd_lightning.app.validation import compile_backend, validate_config
 from tests.app.helpers import FAST, compose_cfg
 
 DIGITS = SimpleNamespace(num_classes=10, in_chans=1)
@@ -37,12 +38,15 @@ def test_compile_compiles_the_network_in_place():
 
 @pytest.mark.parametrize(("value", "backend"), [(True, "inductor"), (False, None), ("aot_eager", "aot_eager")])
 def test_compile_option_names_a_backend(value, backend):
-    assert _compile_backend(value) == backend
+    assert compile_backend(value) == backend
 
 
 def test_unknown_compile_backend_is_a_config_error():
     with pytest.raises(ConfigError, match=r"compile: 'fast' is not a torch.compile backend; valid: true, false, eager"):
         build_model(compose_cfg(["compile=fast"]), DIGITS)
+    # ... refused before anything is built
+    with pytest.raises(ConfigError, match=r"compile: expected true, false or a torch.compile backend name, got 3"):
+        validate_config(compose_cfg(["compile=3"]))
 
 
 def test_fit_with_a_compiled_network(tmp_path: Path):
