@@ -6,7 +6,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch._dynamo
 from torch._dynamo.utils import counters
 
 from singd_lightning.app.errors import ConfigError
@@ -17,12 +16,7 @@ from tests.app.helpers import FAST, compose_cfg
 DIGITS = SimpleNamespace(num_classes=10, in_chans=1)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def test_compile_defaults_to_eager_network():
