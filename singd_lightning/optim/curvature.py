@@ -1,7 +1,8 @@
 """Kronecker layers and the collection of their curvature statistics.
 
-A :class:`KroneckerLayer` is an ``nn.Linear`` or ``nn.Conv2d`` whose weight (and
-bias) the Kronecker methods precondition. The :class:`CurvatureCollector` installs
+A :class:`KroneckerLayer` is an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` whose
+weight (and bias) the Kronecker methods precondition (a ``Conv1d`` as a ``Conv2d`` of
+unit height, see :class:`ConvGeometry`). The :class:`CurvatureCollector` installs
 one forward hook per layer; in steps that collect statistics the hook places a
 tensor hook on the layer's output, which turns the stored input and the incoming
 output gradient into the matrices of SPEC §1 and hands them to a *sink* (the
@@ -36,7 +37,7 @@ from torch.utils.hooks import RemovableHandle
 
 from singd_lightning.structures._utils import symmetric_matmul
 
-SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 LOSS_AVERAGES = ("batch", "batch+sequence", None)
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 
@@ -47,7 +48,7 @@ class KroneckerLayer:
 
     Attributes:
         name: The module's name in the (unwrapped) model; keys its state.
-        module: The ``nn.Linear`` or ``nn.Conv2d``.
+        module: The ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``.
         group: The parameter group holding its parameters.
         has_bias: Whether the bias is trained with the weight (as the last column
             of the augmented weight).
@@ -249,10 +250,64 @@ def _sum_over_chunks(x: Tensor, statistic: Callable[[Tensor], Tensor], max_eleme
     return total
 
 
-def _pad_like_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A convolution's geometry in two spatial dimensions, the only thing the
+    im2col rows depend on besides the input.
+
+    An ``nn.Conv1d`` is the ``nn.Conv2d`` of unit height with kernel ``(1, k)``,
+    stride ``(1, s)``, padding ``(0, p)`` and dilation ``(1, d)`` applied to the
+    input viewed as ``(N, C, 1, L)``: its im2col matrix, bias row and weight
+    layout ``(C_out, C_in/groups, k)`` are those of that ``Conv2d``, so every
+    ``Conv2d`` route (fast paths, chunking) serves it unchanged.
+
+    Attributes:
+        kernel_size, stride, dilation: Per spatial dimension (height, width).
+        padding: ``(height, width)`` or ``"same"``/``"valid"``.
+        padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``.
+        groups: Channel groups.
+        reversed_padding: The padding in ``F.pad`` order, for non-zero modes.
+    """
+
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    padding: tuple[int, int] | str
+    padding_mode: str
+    groups: int
+    reversed_padding: tuple[int, ...]
+
+    @classmethod
+    def of(cls, conv: nn.Conv1d | nn.Conv2d) -> ConvGeometry:
+        """The geometry of an ``nn.Conv2d``, or of an ``nn.Conv1d`` as a unit-height
+        ``nn.Conv2d``."""
+        reversed_padding = tuple(conv._reversed_padding_repeated_twice)
+        if isinstance(conv, nn.Conv2d):
+            return cls(
+                tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation),
+                conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
+                conv.padding_mode, conv.groups, reversed_padding,
+            )
+        (k,), (s,), (d,) = conv.kernel_size, conv.stride, conv.dilation
+        padding = conv.padding if isinstance(conv.padding, str) else (0, conv.padding[0])
+        # F.pad lists the last dimension first: the width's pads, then none for the height.
+        return cls((1, k), (1, s), (1, d), padding, conv.padding_mode, conv.groups, (*reversed_padding, 0, 0))
+
+
+def _as_2d(t: Tensor, conv: nn.Module) -> Tensor:
+    """A convolution's input or output gradient as a batched ``(N, C, H, W)`` tensor:
+    an un-batched one gains the batch dimension, a ``Conv1d``'s ``(N, C, L)`` the
+    unit height of :class:`ConvGeometry`."""
+    spatial = len(conv.kernel_size)
+    if t.ndim == spatial + 1:  # un-batched
+        t = t.unsqueeze(0)
+    return t.unsqueeze(2) if spatial == 1 else t
+
+
+def _pad_like_conv(x: Tensor, conv: ConvGeometry) -> Tensor:
     """``x`` padded exactly as ``conv`` pads it (any mode, string paddings)."""
     if conv.padding_mode != "zeros":
-        return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        return F.pad(x, conv.reversed_padding, mode=conv.padding_mode)
     if isinstance(conv.padding, str):
         if conv.padding == "valid":
             return x
@@ -266,7 +321,7 @@ def _pad_like_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
 
 
-def conv2d_input(x: Tensor, conv: nn.Conv2d) -> Tensor:
+def conv2d_input(x: Tensor, conv: ConvGeometry) -> Tensor:
     """The input as the kernel sees it: padded, and with channel groups averaged
     (grouped convolutions share one Kronecker factor across groups, as in the
     reference package). ``(N, C_in, H, W)`` → ``(N, C_in/groups, H', W')``."""
@@ -275,7 +330,7 @@ def conv2d_input(x: Tensor, conv: nn.Conv2d) -> Tensor:
     return _pad_like_conv(x, conv)
 
 
-def conv2d_patch_view(x: Tensor, conv: nn.Conv2d) -> Tensor:
+def conv2d_patch_view(x: Tensor, conv: ConvGeometry) -> Tensor:
     """A strided view of all im2col patches of a :func:`conv2d_input`.
 
     Returns:
@@ -314,7 +369,7 @@ def _layout_rows(view: Tensor, feature_dims: int, has_bias: bool, row_major: boo
 
 
 def _conv_rows_row_major(
-    pixels: Tensor, conv: nn.Conv2d, out_size: tuple[int, int], start: int, stop: int, has_bias: bool
+    pixels: Tensor, conv: ConvGeometry, out_size: tuple[int, int], start: int, stop: int, has_bias: bool
 ) -> Tensor:
     """The im2col columns of samples ``start … stop − 1`` as the transpose of a
     contiguous ``(n_i, d [+1])`` matrix (ones in the last column with a bias).
@@ -345,7 +400,7 @@ def _conv_rows_row_major(
     return out.flatten(0, 2).mT
 
 
-def _conv_cross(x: Tensor, patches: Tensor, conv: nn.Conv2d, has_bias: bool, index: Tensor) -> Tensor:
+def _conv_cross(x: Tensor, patches: Tensor, conv: ConvGeometry, has_bias: bool, index: Tensor) -> Tensor:
     """``X[index] Xᵀ`` for the im2col matrix ``X`` of a convolution, ``(k, d)``,
     without building ``X``.
 
@@ -434,7 +489,7 @@ def _sample_cross(t: Tensor, has_bias: bool, index: Tensor) -> Tensor:
     return _sum_over_chunks(t, products)
 
 
-def _conv_cross_function(x: Tensor, patches: Tensor, conv: nn.Conv2d, has_bias: bool) -> Callable | None:
+def _conv_cross_function(x: Tensor, patches: Tensor, conv: ConvGeometry, has_bias: bool) -> Callable | None:
     """The fastest way to ``X[index] Xᵀ`` for a convolution's im2col ``X``, if any
     beats building ``X``: a pointwise convolution's ``X`` is the input itself."""
     if patches.shape[1:3] == (1, 1) and patches.shape[4:] == x.shape[2:]:  # 1×1, stride 1
@@ -449,9 +504,8 @@ def input_rows(layer: KroneckerLayer, x: Tensor, approx: str) -> Rows:
     when the layer has a bias. Each chunk is built in a single copy."""
     module, has_bias = layer.module, layer.has_bias
     d_k = layer.dim_in
-    if isinstance(module, nn.Conv2d):
-        if x.ndim == 3:  # un-batched input
-            x = x.unsqueeze(0)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        x, module = _as_2d(x, module), ConvGeometry.of(module)
         x = conv2d_input(x, module)
         patches = conv2d_patch_view(x, module)  # (c, k1, k2, N, O1, O2)
         batch, locations = patches.shape[3], patches.shape[4] * patches.shape[5]
@@ -510,9 +564,8 @@ def output_gradient_rows(
     """``Gᵀ`` (un-scaled) as :class:`Rows`, ``(d_o, n')``, and the number ``N`` of
     loss terms the output gradient averages over."""
     module, d_o = layer.module, layer.dim_out
-    if isinstance(module, nn.Conv2d):
-        if g.ndim == 3:
-            g = g.unsqueeze(0)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        g = _as_2d(g, module)
         batch, shared = g.shape[0], g.shape[2:].numel()
         if approx == "expand":
 
