@@ -63,15 +63,34 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
 
 
 def build_model(cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
-    """The network of ``cfg.model``, sized for the data module's classes and channels.
+    """The network of ``cfg.model``, sized for the data module's classes and channels
+    (and, for sequence data, its ``seq_len``).
 
     Raises:
-        ConfigError: ``cfg.model`` has a key the model does not take.
+        ConfigError: ``cfg.model`` has a key the model does not take, or the model
+            takes images and the data are sequences (or the reverse).
     """
+    from singd_lightning.models import MODELS, SEQUENCE_MODELS
+
     backend = compile_backend(cfg.get("compile", False))
+    name, seq_len = str(cfg.model.get("name")), getattr(datamodule, "seq_len", None)
+    # An unknown name is left to create_model, whose error lists the valid ones.
+    known = name in MODELS or cfg.model.get("_target_") != "singd_lightning.models.create_model"
+    # Checked here: a mismatch would otherwise fail deep inside the first forward pass.
+    if seq_len is not None and known and name not in SEQUENCE_MODELS:
+        raise ConfigError(
+            f"model: {name} takes 2-D images, but data={cfg.data.get('name')} gives 1-D sequences "
+            f"of length {seq_len}; use one of model={', model='.join(sorted(SEQUENCE_MODELS))}."
+        )
+    if seq_len is None and name in SEQUENCE_MODELS:
+        raise ConfigError(
+            f"model: {name} takes 1-D sequences, but data={cfg.data.get('name')} gives 2-D images; "
+            "use data=mnist1d."
+        )
+    sizes = {} if seq_len is None else {"seq_len": seq_len}
     factory = hydra.utils.instantiate(cfg.model)
     try:
-        net = factory(num_classes=datamodule.num_classes, in_chans=datamodule.in_chans)
+        net = factory(num_classes=datamodule.num_classes, in_chans=datamodule.in_chans, **sizes)
     except TypeError as err:
         if "unexpected keyword argument" in str(err):  # a key of cfg.model the network lacks
             raise ConfigError(f"model: {err}.") from err

@@ -1,7 +1,7 @@
 """Lightning data modules for the SINGD comparisons.
 
-Each module exposes ``num_classes``, ``in_chans`` and ``image_size``. Build one by
-name with :func:`create_datamodule`::
+Each module exposes ``num_classes``, ``in_chans`` and ``image_size`` (a sequence
+module: ``seq_len`` instead). Build one by name with :func:`create_datamodule`::
 
     dm = create_datamodule("digits", batch_size=64)
 
@@ -10,6 +10,7 @@ name with :func:`create_datamodule`::
 | ``digits`` | scikit-learn digits (offline default) | 10 | 32 px | no |
 | ``cifar100`` | CIFAR-100 | 100 | 32 px | ``cifar-100-python`` |
 | ``imagewoof`` | ImageWoof-10 (160 px archive) | 10 | 128 px (configurable) | ``imagewoof2-160`` |
+| ``mnist1d`` | MNIST-1D sequences (generated offline) | 10 | length 40, 1 channel | no |
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from singd_lightning.data._common import DatasetNotFoundError, ImageClassificati
 from singd_lightning.data.cifar100 import CIFAR100DataModule
 from singd_lightning.data.digits import DigitsDataModule
 from singd_lightning.data.imagewoof import ImageWoofDataModule
+from singd_lightning.data.mnist1d import MNIST1DDataModule
 
 #: Data module classes by name.
 DATAMODULES: dict[str, type[ImageClassificationDataModule]] = {
     "digits": DigitsDataModule,
     "cifar100": CIFAR100DataModule,
     "imagewoof": ImageWoofDataModule,
+    "mnist1d": MNIST1DDataModule,
 }
 
 
@@ -53,5 +56,6 @@ __all__ = [
     "DigitsDataModule",
     "ImageClassificationDataModule",
     "ImageWoofDataModule",
+    "MNIST1DDataModule",
     "create_datamodule",
 ]

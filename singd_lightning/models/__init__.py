@@ -1,6 +1,7 @@
-"""Image classifiers for the SINGD comparisons (one file per family).
+"""Image and sequence classifiers for the SINGD comparisons (one file per family).
 
-Every factory has the signature ``factory(num_classes, in_chans, **kwargs)``;
+Every factory has the signature ``factory(num_classes, in_chans, **kwargs)``; the
+sequence models (:data:`SEQUENCE_MODELS`) also take ``seq_len``, the input length;
 extra keyword arguments override the family constructor's defaults. Use
 :func:`create_model` to build one by name::
 
@@ -22,6 +23,8 @@ Parameter counts are for the number of classes in brackets.
 | ``swin_tiny_32`` | Swin, p2 w4 | 32 px | 7.08M (100) |
 | ``swin_tiny_128`` / ``swin_tiny_160`` | Swin, p8 w4 / w5 | 128 / 160 px | 7.07M (10) |
 | ``swin_nano`` | Swin (test size) | 32 px | 26k (10) |
+| ``mlp`` | MLP 40-256-256 | 1-D sequences, length ``seq_len`` | 78k (10) |
+| ``cnn1d`` | Conv1d 32-64-64, k5, global pool | 1-D sequences, any length | 32k (10) |
 
 Any timm model: :func:`create_timm_model` (``create_timm_model("resnet18",
 num_classes=10)``; the app's ``model=timm model.name=...``).
@@ -34,12 +37,14 @@ from collections.abc import Callable
 from torch import nn
 
 from singd_lightning.models.cct import CCT, cct_7_3x1_32, cct_7_7x2_128, cct_7_7x2_160, cct_tiny
+from singd_lightning.models.cnn1d import CNN1d, cnn1d
 from singd_lightning.models.convmixer import (
     ConvMixer,
     convmixer_256_8,
     convmixer_256_16,
     convmixer_tiny,
 )
+from singd_lightning.models.mlp import MLP, mlp
 from singd_lightning.models.swin import (
     SwinTransformer,
     swin_nano,
@@ -68,7 +73,13 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "swin_tiny_128": swin_tiny_128,
     "swin_tiny_160": swin_tiny_160,
     "swin_nano": swin_nano,
+    "mlp": mlp,
+    "cnn1d": cnn1d,
 }
+
+#: Names of the models whose input is a 1-D sequence ``(N, in_chans, seq_len)``; the
+#: others take images ``(N, in_chans, H, W)``.
+SEQUENCE_MODELS: frozenset[str] = frozenset({"mlp", "cnn1d"})
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs) -> nn.Module:
@@ -100,7 +111,10 @@ def list_models() -> list[str]:
 
 __all__ = [
     "CCT",
+    "CNN1d",
+    "MLP",
     "MODELS",
+    "SEQUENCE_MODELS",
     "VGG",
     "ConvMixer",
     "SwinTransformer",

@@ -24,8 +24,9 @@ GROUP_OPTIONS: dict[str, set[str]] = {
         "triu_top_left_diagonal", "triu_bottom_right_diagonal",
     },
     "precision": {"fp32", "bf16", "bf16-true", "fp16"},
-    "model": {"vgg", "convmixer", "cct", "swin", "vgg_small", "convmixer_tiny", "cct_tiny", "swin_nano", "timm"},
-    "data": {"cifar100", "imagewoof10", "digits"},
+    "model": {"vgg", "convmixer", "cct", "swin", "vgg_small", "convmixer_tiny", "cct_tiny", "swin_nano", "timm",
+              "mlp", "cnn1d"},
+    "data": {"cifar100", "imagewoof10", "digits", "mnist1d"},
     "trainer": {"default", "cpu", "gpu", "ddp"},
     "logger": {"csv", "wandb", "many_loggers"},
     "experiment": {

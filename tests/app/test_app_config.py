@@ -48,19 +48,23 @@ def test_default_config() -> None:
 def test_data_options_instantiate_without_download(option: str, tmp_path: Path) -> None:
     cfg = compose_cfg([f"data={option}", f"paths.data_dir={tmp_path}"])
     datamodule = hydra.utils.instantiate(cfg.data)
-    expected = {"digits": (10, 32), "cifar100": (100, 32), "imagewoof10": (10, 128)}[option]
-    assert (datamodule.num_classes, datamodule.image_size) == expected
-    assert datamodule.in_chans == 3
+    if option == "mnist1d":  # 1-D sequences: a length instead of an image size
+        assert (datamodule.num_classes, datamodule.in_chans, datamodule.seq_len) == (10, 1, 40)
+    else:
+        expected = {"digits": (10, 32), "cifar100": (100, 32), "imagewoof10": (10, 128)}[option]
+        assert (datamodule.num_classes, datamodule.image_size) == expected
+        assert datamodule.in_chans == 3
     assert list(tmp_path.iterdir()) == []  # nothing downloaded or written
 
 
 @pytest.mark.parametrize("option", _params("model"))
 def test_model_options_build_and_run(option: str) -> None:
-    cfg = compose_cfg([f"model={option}"])
+    sequences = option in ("mlp", "cnn1d")  # 1-D models, for data=mnist1d
+    cfg = compose_cfg([f"model={option}", *(["data=mnist1d"] if sequences else [])])
     datamodule = hydra.utils.instantiate(cfg.data)
     net = build_model(cfg, datamodule)
     with torch.no_grad():
-        out = net(torch.randn(2, 3, 32, 32))
+        out = net(torch.randn(2, 1, 40) if sequences else torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10)
 
 

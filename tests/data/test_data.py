@@ -31,7 +31,7 @@ from singd_lightning.data.imagewoof import IMAGEWOOF_CLASSES
 
 
 def test_registry_and_attributes() -> None:
-    assert set(DATAMODULES) == {"digits", "cifar100", "imagewoof"}
+    assert set(DATAMODULES) == {"digits", "cifar100", "imagewoof", "mnist1d"}  # mnist1d: test_mnist1d.py
     for cls, classes in [
         (CIFAR100DataModule, 100),
         (ImageWoofDataModule, 10),
