@@ -290,7 +290,7 @@ class SINGDCallback(SINGDDiagnostics):
             or None for the paper's unbounded update (default 0.5).
         stat_decay: KFAC only: decay of the running curvature averages (default 0.95).
         fallback: First-order method for parameters outside ``nn.Linear``/
-            ``nn.Conv2d``: ``"adamw"`` (default), ``"sgd"`` or ``"none"``.
+            ``nn.Conv1d``/``nn.Conv2d``: ``"adamw"`` (default), ``"sgd"`` or ``"none"``.
         fallback_lr: The fallback's learning rate (default: ``lr``).
         fallback_betas: AdamW's ``(β1, β2)`` (default (0.9, 0.999)).
         fallback_eps: AdamW's ε (default 1e-8).

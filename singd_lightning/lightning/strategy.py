@@ -18,7 +18,7 @@ def _sharded_strategy_types() -> tuple[type, ...]:
 def check_strategy(strategy: Any) -> None:
     """Raise unless ``strategy`` replicates the whole model on every rank.
 
-    SINGD hooks the ``nn.Linear``/``nn.Conv2d`` layers of the model and keeps full
+    SINGD hooks the ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` layers of the model and keeps full
     Kronecker factors of each layer; a sharded strategy (FSDP, DeepSpeed, model
     parallel) splits the weights across ranks, so neither the hooks nor the
     factors would see whole layers.

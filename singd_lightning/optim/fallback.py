@@ -1,7 +1,7 @@
 """First-order updates for parameters the Kronecker methods do not cover.
 
 Norm layers, embeddings, positional embeddings, class tokens and any other
-parameter outside ``nn.Linear``/``nn.Conv2d`` are trained by AdamW (default) or SGD
+parameter outside ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` are trained by AdamW (default) or SGD
 inside the same optimizer object, so that Lightning sees one optimizer. The updates
 use multi-tensor (``foreach``) kernels.
 """
