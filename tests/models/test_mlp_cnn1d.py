@@ -98,3 +98,11 @@ def test_image_model_on_sequences_is_a_one_line_error(overrides: list[str], mess
     with pytest.raises(ConfigError) as info:
         train(cfg)
     assert user_error_message(info.value) == message
+
+
+def test_singd_preconditions_every_layer_of_cnn1d() -> None:
+    from singd_lightning.optim import SINGD
+
+    model = create_model("cnn1d", num_classes=10, in_chans=1, seq_len=40)
+    optimizer = SINGD(model)
+    assert [type(layer.module) for layer in optimizer.layers] == [nn.Conv1d, nn.Conv1d, nn.Conv1d, nn.Linear]
