@@ -101,8 +101,10 @@ def _checked_groups(optimizer: Optimizer, saved_groups: Any) -> list[dict]:
 
 
 def _check_counters(kronecker: Mapping) -> None:
-    for key in ("steps", "skipped_steps"):
-        value = kronecker.get(key)
+    # The guards' counters are absent from states saved before the guards existed.
+    optional = {"clipped_updates": 0, "clipped_factor_updates": 0}
+    for key in ("steps", "skipped_steps", *optional):
+        value = kronecker.get(key, optional.get(key))
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
             raise ValueError(f"state_dict['kronecker'][{key!r}] must be an integer ≥ 0, got {value!r}.")
     hint = kronecker.get("grad_scale_hint")

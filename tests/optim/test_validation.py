@@ -111,13 +111,14 @@ def test_wrong_width_is_refused():
         (lambda s: s["param_groups"][0].__setitem__("bogus", 1), "unknown options \\['bogus'\\]"),
         (lambda s: s["param_groups"].pop(), "parameter groups"),
         (lambda s: s["kronecker"].__setitem__("steps", -3), "steps"),
+        (lambda s: s["kronecker"].__setitem__("clipped_updates", "x"), "clipped_updates"),
         (lambda s: s["kronecker"].__setitem__("grad_scale_hint", 0.0), "grad_scale_hint"),
         (lambda s: s.pop("kronecker"), "lacks \\['kronecker'\\]"),
         (lambda s: next(iter(s["state"].values())).__setitem__("momentum_buffer", torch.ones(2)), "momentum_buffer of parameter"),
         (lambda s: next(iter(s["state"].values())).__setitem__("momentum_buffer", torch.full((8, 6), float("inf"))), "holds"),
     ],
     ids=["nan-factor", "factor-shape", "missing-factor", "missing-layer", "unknown-layer", "bad-lr", "bad-T",
-         "unknown-option", "group-count", "bad-steps", "bad-scale", "no-kronecker", "momentum-shape", "inf-momentum"],
+         "unknown-option", "group-count", "bad-steps", "bad-guard-counter", "bad-scale", "no-kronecker", "momentum-shape", "inf-momentum"],
 )
 def test_malformed_state_is_refused_before_anything_changes(corrupt, match):
     _, source = _trained(_singd(lr=0.5))
