@@ -491,7 +491,8 @@ class KroneckerOptimizer(Optimizer):
         stats = [t for entry in self._stats.values() for t in entry[:2]]
         if due and stats and non_finite(stats):
             return self._skip(loss, "curvature statistics")
-        saved = self._snapshot()
+        # Only a factor update has something to undo if the step is found invalid.
+        saved = self._snapshot() if due else None
         if due:
             self._update_preconditioners(due)
 
@@ -516,7 +517,8 @@ class KroneckerOptimizer(Optimizer):
                 checked += [p.grad for p in params]
         finite, clipped = _finite_and_count(checked, clip_flags)
         if not finite:
-            self._restore(saved)
+            if saved is not None:
+                self._restore(saved)
             return self._skip(loss, "updates")
         if clipped:
             self.clipped_updates += clipped

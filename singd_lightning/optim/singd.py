@@ -12,12 +12,12 @@ from torch import Tensor, nn
 from singd_lightning.optim.base import KroneckerOptimizer
 from singd_lightning.optim.curvature import KroneckerLayer, Rows
 from singd_lightning.optim.hyperparameters import check_bool, check_range, resolve_lr_cov
+from singd_lightning.structures import Structure, StructureSpec, resolve_structure
 
 #: Default of ``max_factor_step`` (ρ): the largest ``‖β₁ m‖₂`` of a factor update.
 #: Below 1, ``I − β₁ m`` stays invertible, so one update can neither collapse nor
 #: blow up a factor: ``‖K_new‖₂ ≤ (1 + ρ)‖K‖₂`` and ``σ_min(K_new) ≥ (1 − ρ) σ_min(K)``.
 MAX_FACTOR_STEP = 0.5
-from singd_lightning.structures import Structure, StructureSpec, resolve_structure
 
 
 def _structure_pair(structures) -> tuple:

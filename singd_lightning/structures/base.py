@@ -185,6 +185,6 @@ class Structure(ABC):
             x = self.matmul(work, self.matmul(work, x), transpose=True)
             norm = x.norm(dim=(-2, -1), keepdim=True)
             x = x / torch.where(norm > 0, norm, torch.ones_like(norm))
-        estimate = self.matmul(work, x).norm(dim=(-2, -1))
-        # Every entry is a lower bound too (|S_ij| ≤ ‖S‖₂): exact for diagonal S.
-        return torch.maximum(estimate, work.abs().amax(dim=-1)) * scale
+        estimate = self.matmul(work, x).norm(dim=(-2, -1)) * scale
+        # The largest entry is a lower bound too (|S_ij| ≤ ‖S‖₂): exact for diagonal S.
+        return torch.maximum(estimate, scale)
