@@ -340,21 +340,13 @@ class SINGDCallback(SINGDDiagnostics):
         grad_scaler: torch.amp.GradScaler | None = None,
         params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
     ) -> None:
+        # The optimizer options as given (every keyword-only parameter above).
+        given = {name: value for name, value in locals().items() if name in _DEFAULTS}
         key = optimizer.lower() if isinstance(optimizer, str) else optimizer
         if key not in KRONECKER_OPTIMIZERS:
             raise ValueError(
                 f"Unknown optimizer {optimizer!r} for SINGDCallback. Valid names: {', '.join(KRONECKER_OPTIMIZERS)}."
             )
-        given = {
-            "lr": lr, "momentum": momentum, "damping": damping, "weight_decay": weight_decay, "T": T,
-            "kfac_approx": kfac_approx, "loss_average": loss_average,
-            "preconditioner_dtype": preconditioner_dtype, "alpha1": alpha1, "lr_cov": lr_cov,
-            "structures": structures, "kfac_like": kfac_like, "normalize_lr_cov": normalize_lr_cov,
-            "max_factor_step": max_factor_step, "stat_decay": stat_decay, "fallback": fallback,
-            "fallback_lr": fallback_lr, "fallback_betas": fallback_betas, "fallback_eps": fallback_eps,
-            "fallback_weight_decay": fallback_weight_decay, "update_clip": update_clip,
-            "init_grad_scale": init_grad_scale, "grad_scaler": grad_scaler, "params": params,
-        }
         if params is not None:  # a generator would be used up by the first fit
             given["params"] = list(params)
         # A default means "the optimizer's default": pass on only what differs
