@@ -17,18 +17,9 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from singd_lightning.lightning.strategy import check_strategy
-from singd_lightning.optim import IKFAC, INGD, KFAC, SINGD, KroneckerOptimizer
+from singd_lightning.optim import KroneckerOptimizer
+from singd_lightning.optim.factory import FIRST_ORDER_OPTIMIZERS, KRONECKER_OPTIMIZERS
 
-KRONECKER_OPTIMIZERS: dict[str, type[KroneckerOptimizer]] = {
-    "singd": SINGD,
-    "ingd": INGD,
-    "ikfac": IKFAC,
-    "kfac": KFAC,
-}
-FIRST_ORDER_OPTIMIZERS: dict[str, type[Optimizer]] = {
-    "adamw": torch.optim.AdamW,
-    "sgd": torch.optim.SGD,
-}
 OPTIMIZER_NAMES = (*KRONECKER_OPTIMIZERS, *FIRST_ORDER_OPTIMIZERS)
 
 #: A callable that builds the optimizer from the module: LightningCLI's pattern

@@ -18,16 +18,19 @@ from singd_lightning.optim.base import KroneckerOptimizer, unwrap_model
 from singd_lightning.optim.kfac import KFAC
 from singd_lightning.optim.singd import IKFAC, INGD, SINGD
 
-#: The Kronecker methods (built from the model) and the first-order baselines
-#: (built from parameters), by name.
-OPTIMIZERS: dict[str, type[Optimizer]] = {
+#: The Kronecker methods, by name (built from the model).
+KRONECKER_OPTIMIZERS: dict[str, type[KroneckerOptimizer]] = {
     "singd": SINGD,
     "ingd": INGD,
     "ikfac": IKFAC,
     "kfac": KFAC,
+}
+#: The first-order baselines, by name (built from parameters).
+FIRST_ORDER_OPTIMIZERS: dict[str, type[Optimizer]] = {
     "adamw": torch.optim.AdamW,
     "sgd": torch.optim.SGD,
 }
+OPTIMIZERS: dict[str, type[Optimizer]] = {**KRONECKER_OPTIMIZERS, **FIRST_ORDER_OPTIMIZERS}
 
 
 def param_groups_weight_decay(
@@ -102,4 +105,4 @@ def create_optimizer(
     return cls(groups, **options)
 
 
-__all__ = ["OPTIMIZERS", "create_optimizer", "param_groups_weight_decay"]
+__all__ = ["FIRST_ORDER_OPTIMIZERS", "KRONECKER_OPTIMIZERS", "OPTIMIZERS", "create_optimizer", "param_groups_weight_decay"]
