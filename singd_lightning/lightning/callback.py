@@ -278,8 +278,9 @@ class SINGDCallback(SINGDDiagnostics):
             ``"bf16-true"`` precisions and the default otherwise.
         alpha1: SINGD only: α₁, Riemannian momentum of the factor updates
             (default 0.5; 0 for IKFAC).
-        lr_cov: SINGD only: β₁, the factor learning rate, a float or a callable
-            ``step -> float`` (default 1e-2).
+        lr_cov: β₁, the factor learning rate, a float or a callable
+            ``step -> float`` (default 1e-2); KFAC uses it only with
+            ``stat_decay=None``.
         structures: SINGD only: the ``(K's, C's)`` structure, or one for both:
             names such as ``"diagonal"``, ``"hierarchical"``, or mappings such as
             ``{"name": "block_diagonal", "block_size": 32}`` (default dense).
@@ -288,13 +289,20 @@ class SINGDCallback(SINGDDiagnostics):
         normalize_lr_cov: SINGD only: normalised factor steps (default False).
         max_factor_step: SINGD only: bound of a factor update's step, in (0, 1),
             or None for the paper's unbounded update (default 0.5).
-        stat_decay: KFAC only: decay of the running curvature averages (default 0.95).
+        stat_decay: KFAC only: decay of the running curvature averages, or None
+            for ``1 − lr_cov`` (default 0.95).
+        damping_mode: KFAC only: ``"split"`` (√λ per factor, default) or
+            ``"per_factor"`` (λ per factor).
+        factor_init: KFAC only: ``"statistics"`` (default) or ``"identity"``.
         fallback: First-order method for parameters outside ``nn.Linear``/
             ``nn.Conv1d``/``nn.Conv2d``: ``"adamw"`` (default), ``"sgd"`` or ``"none"``.
         fallback_lr: The fallback's learning rate (default: ``lr``).
         fallback_betas: AdamW's ``(β1, β2)`` (default (0.9, 0.999)).
         fallback_eps: AdamW's ε (default 1e-8).
-        fallback_weight_decay: The fallback's weight decay (default 0).
+        fallback_weight_decay: The fallback's weight decay, or None for each
+            group's ``weight_decay`` (default 0).
+        weight_decay_start: No weight decay of the Kronecker parameters before
+            this step, or before ``20·T`` with ``"auto"`` (default 0).
         update_clip: Spike guard of the layer updates: the largest update norm
             relative to its running RMS, or None for never (default 30).
         init_grad_scale: The loss scale expected in the first backward pass
@@ -329,12 +337,15 @@ class SINGDCallback(SINGDDiagnostics):
         kfac_like: bool | None = None,
         normalize_lr_cov: bool | None = None,
         max_factor_step: float | None = MAX_FACTOR_STEP,
-        stat_decay: float | None = None,
+        stat_decay: float | None = 0.95,
+        damping_mode: str | None = None,
+        factor_init: str | None = None,
         fallback: str | None = None,
         fallback_lr: float | None = None,
         fallback_betas: tuple[float, float] | None = None,
         fallback_eps: float | None = None,
-        fallback_weight_decay: float | None = None,
+        fallback_weight_decay: float | None = 0.0,
+        weight_decay_start: int | str | None = None,
         update_clip: float | None = UPDATE_CLIP,
         init_grad_scale: float | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,

@@ -136,9 +136,17 @@ class KroneckerOptimizer(Optimizer):
         fallback_lr: The fallback's learning rate; None uses the group's ``lr``.
         fallback_betas: AdamW's ``(β1, β2)``.
         fallback_eps: AdamW's ε.
-        fallback_weight_decay: The fallback's weight decay (decoupled for AdamW).
-            A group that sets ``weight_decay`` but not ``fallback_weight_decay``
-            uses its ``weight_decay`` for its fallback parameters.
+        fallback_weight_decay: The fallback's weight decay (decoupled for AdamW);
+            None: each group's ``weight_decay``, as the authors' wrappers gave their
+            AdamW/SGD for the other parameters (f-dangel/singd before b5db71a,
+            ``sparse_ngd/experimental/my_sngd_helpers.py``). A group that sets
+            ``weight_decay`` but not ``fallback_weight_decay`` uses its
+            ``weight_decay`` for its fallback parameters.
+        weight_decay_start: The Kronecker parameters get no weight decay before
+            this step (an integer ≥ 0), or before step ``20·T`` (``"auto"``), as
+            the authors' wrappers did (``my_sngd_helpers.py``, ``kfac_helpers.py``:
+            weight decay 0 while ``steps < 20·T``); the fallback's weight decay is
+            not delayed (theirs was not).
         update_clip: Spike guard: a layer's preconditioned update whose norm is
             more than ``update_clip`` times the running RMS of its recent norms is
             an outlier and is scaled down to that running RMS (None: never, the
@@ -160,7 +168,8 @@ class KroneckerOptimizer(Optimizer):
         fallback_lr: float | None = None,
         fallback_betas: tuple[float, float] = (0.9, 0.999),
         fallback_eps: float = 1e-8,
-        fallback_weight_decay: float = 0.0,
+        fallback_weight_decay: float | None = 0.0,
+        weight_decay_start: int | str = 0,
         update_clip: float | None = UPDATE_CLIP,
         grad_scaler: torch.amp.GradScaler | None = None,
         init_grad_scale: float = 1.0,
@@ -177,6 +186,7 @@ class KroneckerOptimizer(Optimizer):
             fallback_betas=fallback_betas,
             fallback_eps=fallback_eps,
             fallback_weight_decay=fallback_weight_decay,
+            weight_decay_start=weight_decay_start,
             update_clip=update_clip,
             role="kronecker",
         )
@@ -240,7 +250,8 @@ class KroneckerOptimizer(Optimizer):
         part of the layer's update (timm's groups put biases in a no-decay group).
         A group's fallback parameters use its ``fallback_weight_decay`` if the group
         sets it, else its ``weight_decay`` if the group sets it, else the
-        optimizer's ``fallback_weight_decay``.
+        optimizer's ``fallback_weight_decay``; a ``fallback_weight_decay`` of None
+        means the group's ``weight_decay``.
         """
         names = {id(p): n for n, p in model.named_parameters()}
         weight_of_bias: dict[int, int] = {}
@@ -302,7 +313,8 @@ class KroneckerOptimizer(Optimizer):
                 if merged["fallback_lr"] is not None:
                     fallback_group["lr"] = merged["fallback_lr"]
                 # The group's own settings apply to its fallback parameters.
-                if "fallback_weight_decay" in user_group or "weight_decay" not in user_group:
+                own = "fallback_weight_decay" in user_group or "weight_decay" not in user_group
+                if own and merged["fallback_weight_decay"] is not None:
                     fallback_group["weight_decay"] = merged["fallback_weight_decay"]
                 groups.append(fallback_group)
         return groups, frozen
@@ -532,10 +544,17 @@ class KroneckerOptimizer(Optimizer):
             if updates is None:
                 FALLBACK_STEPS[group["fallback"]](targets, self.state, group)
             elif targets:
-                momentum_step(targets, updates, self.state, group["lr"], group["momentum"], group["weight_decay"])
+                momentum_step(targets, updates, self.state, group["lr"], group["momentum"], self._weight_decay(group))
         self._clear_statistics()
         self.steps += 1
         return loss
+
+    def _weight_decay(self, group: dict) -> float:
+        """A Kronecker group's weight decay at this step: 0 before ``weight_decay_start``."""
+        start = group["weight_decay_start"]
+        if start == "auto":
+            start = 20 * group["T"]
+        return group["weight_decay"] if self.steps >= start else 0.0
 
     def _skip(self, loss: Tensor | None, what: str) -> Tensor | None:
         """Skip this step: drop its statistics, count it, warn."""
@@ -729,8 +748,13 @@ class KroneckerOptimizer(Optimizer):
             reference = next(iter(current.values()))
             saved = kronecker["layers"][layer.name]
             momentum = layer.group.get("alpha1", 0.0) != 0.0
+            # Each tensor goes where a fresh state keeps it: host counters (KFAC's
+            # ``updates``) stay on the host, so reading them is no device sync.
             new_state = {
-                key: value.to(device=reference.device, dtype=current[key].dtype if key in current else reference.dtype)
+                key: value.to(
+                    device=current[key].device if key in current else reference.device,
+                    dtype=current[key].dtype if key in current else reference.dtype,
+                )
                 for key, value in saved.items()
                 if momentum or not key.startswith("m_")
             }

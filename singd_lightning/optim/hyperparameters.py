@@ -120,6 +120,10 @@ def validate_kronecker_group(group: dict) -> None:
         check_range(f"fallback_betas[{i}]", beta, 0.0, 1.0)
     group["fallback_betas"] = tuple(betas)
     check_range("fallback_eps", group["fallback_eps"], 0.0, low_inclusive=False)
-    check_range("fallback_weight_decay", group["fallback_weight_decay"], 0.0)
+    if group["fallback_weight_decay"] is not None:
+        check_range("fallback_weight_decay", group["fallback_weight_decay"], 0.0)
+    start = group["weight_decay_start"]
+    if start != "auto" and not (isinstance(start, int) and not isinstance(start, bool) and start >= 0):
+        raise ValueError(f"weight_decay_start must be an integer ≥ 0 or 'auto' (20·T), got {start!r}.")
     if group["update_clip"] is not None:
         check_range("update_clip", group["update_clip"], 1.0, low_inclusive=False)

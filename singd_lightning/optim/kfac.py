@@ -1,22 +1,40 @@
-"""Dense KFAC with explicit damped inverses: the baseline SINGD is compared to."""
+"""Dense KFAC with explicit damped inverses: the baseline SINGD is compared to.
+
+Two variants are named options: today's (``damping_mode="split"``, a separate
+``stat_decay``, factors starting from the first statistics) and the authors' KFAC
+baseline of the SINGD paper (``damping_mode="per_factor"``, ``stat_decay=None``,
+``factor_init="identity"``), as in the KFAC code the paper pinned
+(yorkerlin/KFAC-Pytorch, ``optimizers/kfac.py``: ``_inv_covs`` adds λ to each
+factor, ``_save_input`` starts the factors at I, ``update_running_stat`` is the
+EMA) and the wrapper that ties its EMA to the factor learning rate
+(f-dangel/singd before b5db71a, ``sparse_ngd/experimental/kfac_helpers.py``:
+``stat_decay = 1.0 - lr_cov``).
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from singd_lightning.optim.base import KroneckerOptimizer
 from singd_lightning.optim.curvature import KroneckerLayer, Rows
-from singd_lightning.optim.hyperparameters import check_range
+from singd_lightning.optim.hyperparameters import check_choice, check_range, resolve_lr_cov
+
+#: ``"split"``: ``(A + √λ I)⁻¹ ⊗ (G + √λ I)⁻¹``; ``"per_factor"``: ``(A + λI)⁻¹ ⊗ (G + λI)⁻¹``.
+DAMPING_MODES = ("split", "per_factor")
+#: ``"statistics"``: the first statistics are the factors; ``"identity"``: the
+#: factors start at I and the first statistics enter the EMA like all others.
+FACTOR_INITS = ("statistics", "identity")
 
 
 class KFAC(KroneckerOptimizer):
     """KFAC: EMAs of ``AᵀA`` and ``GᵀG``, inverted every ``T`` steps.
 
-    The update is ``D = (GᵀG + √λ I)⁻¹ Ĝ (AᵀA + √λ I)⁻¹``, followed by the same
+    The update is ``D = (GᵀG + δ I)⁻¹ Ĝ (AᵀA + δ I)⁻¹`` with ``δ = √λ``
+    (``damping_mode="split"``) or ``δ = λ`` (``"per_factor"``), followed by the same
     weight decay and momentum as :class:`~singd_lightning.SINGD`. The inverses are
     computed in float32 (``torch.linalg`` has no half-precision inverse) and stored
     in the preconditioner dtype, which is where low-precision KFAC loses accuracy.
@@ -27,10 +45,19 @@ class KFAC(KroneckerOptimizer):
         params: None, parameters, or parameter groups.
         lr: Learning rate.
         momentum: Momentum on the updates, in [0, 1).
-        damping: λ; each factor is damped by √λ.
+        damping: λ; each factor is damped by √λ or λ (``damping_mode``).
         weight_decay: L2 weight decay added to the preconditioned gradient.
         T: Collect statistics and refresh the inverses every ``T`` steps.
-        stat_decay: EMA factor of the Kronecker factors, in [0, 1).
+        stat_decay: EMA factor of the Kronecker factors, in [0, 1); None: the
+            authors' tie ``1 − lr_cov`` at each factor update.
+        lr_cov: β₁, used only when ``stat_decay`` is None: a number in [0, 1] or a
+            callable ``step -> number`` (a schedule such as the β₁ warm-up).
+        damping_mode: ``"split"`` (√λ added to each factor, so that the damping of
+            the Kronecker product is about λ) or ``"per_factor"`` (λ added to each
+            factor, the authors' KFAC).
+        factor_init: ``"statistics"`` (the first statistics are the factors) or
+            ``"identity"`` (the factors start at I and every statistic, the first
+            included, enters the EMA: the authors' KFAC).
         kfac_approx: ``"expand"`` or ``"reduce"``.
         loss_average: ``"batch"``, ``"batch+sequence"`` or None.
         preconditioner_dtype: ``(A's, G's)`` dtype; None means the weight's dtype.
@@ -46,7 +73,10 @@ class KFAC(KroneckerOptimizer):
         damping: float = 1e-3,
         weight_decay: float = 0.0,
         T: int = 10,
-        stat_decay: float = 0.95,
+        stat_decay: float | None = 0.95,
+        lr_cov: float | Callable[[int], float] = 1e-2,
+        damping_mode: str = "split",
+        factor_init: str = "statistics",
         kfac_approx: str = "expand",
         loss_average: str | None = "batch",
         preconditioner_dtype: tuple = (None, None),
@@ -59,6 +89,9 @@ class KFAC(KroneckerOptimizer):
             weight_decay=weight_decay,
             T=T,
             stat_decay=stat_decay,
+            lr_cov=lr_cov,
+            damping_mode=damping_mode,
+            factor_init=factor_init,
             kfac_approx=kfac_approx,
             loss_average=loss_average,
             preconditioner_dtype=preconditioner_dtype,
@@ -66,14 +99,20 @@ class KFAC(KroneckerOptimizer):
         super().__init__(model, params, defaults, **kwargs)
 
     def _validate_group(self, group: dict) -> None:
-        check_range("stat_decay", group["stat_decay"], 0.0, 1.0)
+        if group["stat_decay"] is not None:
+            check_range("stat_decay", group["stat_decay"], 0.0, 1.0)
+        if not callable(group["lr_cov"]):
+            check_range("lr_cov", group["lr_cov"], 0.0, 1.0, high_inclusive=True)
+        check_choice("damping_mode", group["damping_mode"], DAMPING_MODES)
+        check_choice("factor_init", group["factor_init"], FACTOR_INITS)
 
     def _init_layer_state(self, layer: KroneckerLayer) -> dict[str, Tensor]:
         dtype_a, dtype_g = self.preconditioner_dtypes(layer)
         device = layer.weight.device
+        start = torch.eye if layer.group["factor_init"] == "identity" else torch.zeros
         return {
-            "A": torch.zeros(layer.dim_in, layer.dim_in, dtype=dtype_a, device=device),
-            "G": torch.zeros(layer.dim_out, layer.dim_out, dtype=dtype_g, device=device),
+            "A": start(layer.dim_in, layer.dim_in, dtype=dtype_a, device=device),
+            "G": start(layer.dim_out, layer.dim_out, dtype=dtype_g, device=device),
             "A_inv": torch.eye(layer.dim_in, dtype=dtype_a, device=device),
             "G_inv": torch.eye(layer.dim_out, dtype=dtype_g, device=device),
             "updates": torch.zeros((), dtype=torch.int64),
@@ -94,18 +133,26 @@ class KFAC(KroneckerOptimizer):
 
     def _update_preconditioner(self, layer: KroneckerLayer, a: Tensor, g: Tensor) -> dict[str, Tensor]:
         state = self.layer_state[layer.name]
-        decay = layer.group["stat_decay"]
-        first = int(state["updates"]) == 0
+        group = layer.group
+        decay = group["stat_decay"]
+        if decay is None:
+            beta = resolve_lr_cov(group["lr_cov"], self.steps)
+            check_range("lr_cov" + (f" (schedule at step {self.steps})" if callable(group["lr_cov"]) else ""),
+                        beta, 0.0, 1.0, high_inclusive=True)
+            decay = 1.0 - beta
+        first = int(state["updates"]) == 0 and group["factor_init"] == "statistics"
         a = a.view_as(state["A"])
         g = g.view_as(state["G"])
         new_a = a if first else state["A"] * decay + a * (1.0 - decay)
         new_g = g if first else state["G"] * decay + g * (1.0 - decay)
-        root_damping = math.sqrt(layer.group["damping"])
+        damping = group["damping"]
+        if group["damping_mode"] == "split":
+            damping = math.sqrt(damping)
         return {
             "A": new_a,
             "G": new_g,
-            "A_inv": _damped_inverse(new_a, root_damping),
-            "G_inv": _damped_inverse(new_g, root_damping),
+            "A_inv": _damped_inverse(new_a, damping),
+            "G_inv": _damped_inverse(new_g, damping),
             "updates": state["updates"] + 1,
         }
 

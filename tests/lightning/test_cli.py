@@ -149,7 +149,7 @@ def test_signature_covers_every_optimizer_option_with_its_default():
         ({"structures": ("diagonal", "nope")}, "Unknown structure 'nope'"),
         ({"lr": -1.0}, r"lr must be a number in \[0.0, inf\)"),
         ({"preconditioner_dtype": "int8"}, "preconditioner_dtype entries must be"),
-        ({"optimizer": "kfac", "lr_cov": 0.1, "alpha1": 0.1}, "optimizer='kfac' does not take alpha1, lr_cov"),
+        ({"optimizer": "kfac", "normalize_lr_cov": True, "alpha1": 0.1}, "optimizer='kfac' does not take alpha1, normalize_lr_cov"),
         ({"optimizer": "kfac", "max_factor_step": None}, "does not take max_factor_step"),
         ({"stat_decay": 0.9}, "optimizer='singd' does not take stat_decay"),
     ],
