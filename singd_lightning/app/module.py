@@ -104,6 +104,12 @@ class ImageClassifier(L.LightningModule):
         """The loss of ``batch``; updates ``accuracy`` with its predictions."""
         x, y = batch
         logits = self(x)
+        if y.is_floating_point() and y.shape == logits.shape:
+            # Soft targets (class probabilities, from mixup/CutMix): the loss takes
+            # them as they are; the accuracy counts their most likely class.
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+            accuracy.update(logits.detach().argmax(dim=-1), y.argmax(dim=-1))
+            return loss, y.shape[0]
         loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
         accuracy.update(logits.detach().argmax(dim=-1), y)
         return loss, y.shape[0]

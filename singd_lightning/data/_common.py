@@ -1,4 +1,5 @@
-"""Shared pieces of the data modules: split helper, subset view, base class."""
+"""Shared pieces of the data modules: split helper, subset view, base class, and
+the optional augmentations of the transformer recipes (timm's data pipeline)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
 from torchvision.datasets.utils import check_integrity
 
 from singd_lightning.data._archives import ArchiveRefusedError, extract_tar_safely
@@ -115,6 +118,137 @@ class TransformSubset(Dataset):
         return image, label
 
 
+#: AutoAugment's learned policies (Cubuk et al., 2019), by the data they were learned
+#: on (torchvision's implementation: timm's AutoAugment holds only ImageNet policies,
+#: and the CIFAR recipes of Compact-Transformers v1.0 and SPT_LSA_ViT use the CIFAR-10
+#: policy, their ``utils/autoaug.py`` ``CIFAR10Policy``).
+AUTO_AUGMENT_POLICIES = {
+    "cifar10": T.AutoAugmentPolicy.CIFAR10,
+    "imagenet": T.AutoAugmentPolicy.IMAGENET,
+    "svhn": T.AutoAugmentPolicy.SVHN,
+}
+
+
+def _probability(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
+    return float(value)
+
+
+class Augmentation:
+    """Optional training augmentations beyond crop and flip, from timm's data pipeline.
+
+    Args:
+        image_size: Side of the (square) training images, for timm's translations.
+        mean: Normalisation mean (fill colour of AutoAugment's geometric operations).
+        num_classes: Classes, for the soft targets of mixup and CutMix.
+        batch_size: Training batch size (mixup and CutMix pair samples: even).
+        auto_augment: None; ``"cifar10"``, ``"imagenet"`` or ``"svhn"`` (AutoAugment's
+            policy for that data); or a timm policy string: RandAugment
+            (``"rand-m9-mstd0.5-inc1"``), timm's AutoAugment (``"original"``, ``"v0"``)
+            or AugMix (``"augmix-m5-w4-d2"``).
+        random_erasing: Probability of erasing a random rectangle of a training image
+            (timm's ``RandomErasing``, filled with 0, i.e. the mean colour after
+            normalisation; area up to 0.4 and aspect ratio from 0.3, SPT_LSA_ViT's
+            ``--re_sh 0.4 --re_r1 0.3``).
+        mixup: α of mixup's Beta(α, α) (0: off), timm's ``Mixup``.
+        cutmix: α of CutMix's Beta(α, α) (0: off).
+        mix_prob: Probability of mixing a batch.
+        mix_switch_prob: With both on, the probability of CutMix rather than mixup.
+
+    Raises:
+        ValueError: For an unknown policy, a probability outside [0, 1], a negative α,
+            or an odd ``batch_size`` with mixing on.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float],
+        num_classes: int,
+        batch_size: int,
+        auto_augment: str | None = None,
+        random_erasing: float = 0.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        mix_prob: float = 1.0,
+        mix_switch_prob: float = 0.5,
+    ) -> None:
+        self.random_erasing = _probability("random_erasing", random_erasing)
+        self.mix_prob = _probability("mix_prob", mix_prob)
+        self.mix_switch_prob = _probability("mix_switch_prob", mix_switch_prob)
+        for name, alpha in (("mixup", mixup), ("cutmix", cutmix)):
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+                raise ValueError(f"{name} must be a number >= 0 (the Beta distribution's alpha; 0: off), got {alpha!r}.")
+        self.mixup_alpha, self.cutmix_alpha = float(mixup), float(cutmix)
+        if self.mixing and batch_size % 2:
+            raise ValueError(
+                f"batch_size must be even with mixup or cutmix (they pair the samples of a batch), got {batch_size}."
+            )
+        self.image_size = image_size
+        self.mean = tuple(mean)
+        self.num_classes = num_classes
+        self.auto_augment = auto_augment
+        self._auto_augment = self._build_auto_augment()  # validates the policy now
+
+    @property
+    def mixing(self) -> bool:
+        """Whether batches are mixed (mixup or CutMix on, with a non-zero probability)."""
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.mix_prob > 0
+
+    def _build_auto_augment(self) -> Callable[[Any], Any] | None:
+        spec = self.auto_augment
+        if spec is None:
+            return None
+        fill = [min(255, round(255 * m)) for m in self.mean]
+        if spec in AUTO_AUGMENT_POLICIES:
+            return T.AutoAugment(AUTO_AUGMENT_POLICIES[spec], fill=fill)
+        from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+        # The hyper-parameters timm's create_transform passes (transforms_factory.py).
+        params = dict(translate_const=int(self.image_size * 0.45), img_mean=tuple(fill))
+        try:
+            if not isinstance(spec, str):
+                raise TypeError(spec)
+            if spec.startswith("rand"):
+                return rand_augment_transform(spec, params)
+            if spec.startswith("augmix"):
+                return augment_and_mix_transform(spec, {**params, "translate_pct": 0.3})
+            return auto_augment_transform(spec, params)
+        except (AssertionError, KeyError, TypeError, ValueError, IndexError):
+            raise ValueError(
+                f"auto_augment must be None, one of {list(AUTO_AUGMENT_POLICIES)} or a timm policy such as "
+                f"'rand-m9-mstd0.5-inc1', 'original' or 'augmix-m5-w4-d2', got {spec!r}."
+            ) from None
+
+    def image_transforms(self) -> list[Callable[[Any], Any]]:
+        """The transforms on the PIL image (after crop and flip)."""
+        return [] if self._auto_augment is None else [self._auto_augment]
+
+    def tensor_transforms(self) -> list[Callable[[Tensor], Tensor]]:
+        """The transforms on the normalised tensor."""
+        if self.random_erasing == 0.0:
+            return []
+        from timm.data.random_erasing import RandomErasing
+
+        return [RandomErasing(probability=self.random_erasing, max_area=0.4, min_aspect=0.3, mode="const",
+                              device="cpu")]
+
+    def batch_mixer(self) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+        """timm's ``Mixup`` for training batches (soft targets), or None when off.
+
+        Its label smoothing is 0: the loss's ``label_smoothing`` applies to the soft
+        targets, which is the same (smoothing is linear in the target)."""
+        if not self.mixing:
+            return None
+        from timm.data import Mixup
+
+        return Mixup(
+            mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha, prob=self.mix_prob,
+            switch_prob=self.mix_switch_prob, mode="batch", label_smoothing=0.0, num_classes=self.num_classes,
+        )
+
+
 class ImageClassificationDataModule(L.LightningDataModule):
     """Base data module: holds the three splits and builds their loaders.
 
@@ -132,6 +266,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
     The training loader shuffles by ``(shuffle_seed, epoch)`` alone (see
     :func:`~singd_lightning.data.sampler.epoch_seeded_loader`), so a run resumed from
     an epoch-end checkpoint sees the same batches as the uninterrupted run.
+
+    A subclass may set ``batch_mixer`` (e.g. timm's ``Mixup``): it then mixes every
+    training batch on the device (soft targets), and the training loader drops its
+    last incomplete batch (mixing pairs samples).
     """
 
     num_classes: int
@@ -160,6 +298,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self.batch_mixer: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
     def _fit_epoch(self) -> int:
         """The epoch the attached trainer's fit loop trains next (0 without a trainer).
@@ -183,7 +322,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
                 seed=self.shuffle_seed,
                 epoch=self._fit_epoch(),
                 batch_size=self.batch_size,
-                drop_last=self.drop_last,
+                drop_last=self.drop_last or self.batch_mixer is not None,
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
             )
@@ -209,6 +348,14 @@ class ImageClassificationDataModule(L.LightningDataModule):
             raise ValueError(f"the state's shuffle_seed must be an integer or None, got {seed!r}.")
         if seed is not None:
             self.shuffle_seed = seed
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Mix training batches with ``batch_mixer`` (on the device, as timm does)."""
+        trainer = self.trainer
+        if self.batch_mixer is not None and trainer is not None and trainer.training:
+            x, y = batch
+            return self.batch_mixer(x, y)
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

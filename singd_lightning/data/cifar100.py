@@ -5,8 +5,9 @@ without writing outside ``data_dir``. The extracted files are pickles, and
 unpickling runs code named in the file, so they are read only after their MD5
 matches the official files' (:data:`CIFAR100_FILE_MD5S`), by
 ``torchvision.datasets.CIFAR100``, which checks the same sums before unpickling.
-Training images get a random 32 px crop with 4 px padding and a horizontal flip; a
-seeded ``val_size`` slice of the training set (evaluated without augmentation) is
+Training images get a random 32 px crop with 4 px padding and a horizontal flip
+(and, as options, timm's AutoAugment/RandAugment, random erasing, mixup and CutMix:
+the transformer recipes); a seeded ``val_size`` slice of the training set (evaluated without augmentation) is
 the validation split; the official test set is the test split.
 """
 
@@ -19,6 +20,7 @@ from torchvision.datasets import CIFAR100
 from torchvision.datasets.utils import calculate_md5, download_url
 
 from singd_lightning.data._common import (
+    Augmentation,
     ensure_extracted,
     DatasetNotFoundError,
     ImageClassificationDataModule,
@@ -77,6 +79,14 @@ class CIFAR100DataModule(ImageClassificationDataModule):
         seed: Seed of the train/validation split.
         pin_memory: Pin host memory in the loaders.
         drop_last: Drop the last incomplete training batch.
+        auto_augment: None, an AutoAugment policy (``"cifar10"``, ``"imagenet"``,
+            ``"svhn"``) or a timm policy string (``"rand-m9-mstd0.5-inc1"``); see
+            :class:`~singd_lightning.data._common.Augmentation`.
+        random_erasing: Probability of timm's random erasing (0: off).
+        mixup: α of timm's mixup (0: off); training targets become soft.
+        cutmix: α of timm's CutMix (0: off).
+        mix_prob: Probability of mixing a batch.
+        mix_switch_prob: With both on, the probability of CutMix rather than mixup.
     """
 
     num_classes = 100
@@ -94,8 +104,19 @@ class CIFAR100DataModule(ImageClassificationDataModule):
         seed: int = 0,
         pin_memory: bool = False,
         drop_last: bool = False,
+        auto_augment: str | None = None,
+        random_erasing: float = 0.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        mix_prob: float = 1.0,
+        mix_switch_prob: float = 0.5,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, drop_last)
+        augmentation = Augmentation(
+            self.image_size, CIFAR100_MEAN, self.num_classes, batch_size,
+            auto_augment=auto_augment, random_erasing=random_erasing, mixup=mixup, cutmix=cutmix,
+            mix_prob=mix_prob, mix_switch_prob=mix_switch_prob,
+        )
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.download = download
@@ -103,6 +124,8 @@ class CIFAR100DataModule(ImageClassificationDataModule):
         self.augment = augment
         self.seed = seed
         self.classes: list[str] = []
+        self.augmentation = augmentation
+        self.batch_mixer = augmentation.batch_mixer()
 
     @property
     def folder(self) -> Path:
@@ -170,9 +193,13 @@ class CIFAR100DataModule(ImageClassificationDataModule):
         self.ensure_available()
 
     def train_transform(self) -> T.Compose:
-        """Training transform: optional crop/flip, tensor, normalisation."""
+        """Training transform: optional crop/flip, optional AutoAugment, tensor,
+        normalisation, optional random erasing."""
         aug = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if self.augment else []
-        return T.Compose([*aug, T.ToTensor(), T.Normalize(CIFAR100_MEAN, CIFAR100_STD)])
+        return T.Compose([
+            *aug, *self.augmentation.image_transforms(), T.ToTensor(), T.Normalize(CIFAR100_MEAN, CIFAR100_STD),
+            *self.augmentation.tensor_transforms(),
+        ])
 
     def eval_transform(self) -> T.Compose:
         """Evaluation transform: tensor and normalisation."""

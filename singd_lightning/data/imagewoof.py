@@ -3,7 +3,8 @@
 Uses the official 160 px archive ``imagewoof2-160.tgz`` (shorter side 160 px;
 9025 training and 3929 validation images). The archive's ``val`` folder is the
 test split; a seeded slice of ``train`` is the validation split. Training
-images get ``RandomResizedCrop`` and a horizontal flip; evaluation images are
+images get ``RandomResizedCrop`` and a horizontal flip (and, as options, timm's
+AutoAugment/RandAugment, random erasing, mixup and CutMix); evaluation images are
 resized to ``image_size / crop_pct`` and centre-cropped.
 """
 
@@ -16,6 +17,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.utils import download_url
 
 from singd_lightning.data._common import (
+    Augmentation,
     ensure_extracted,
     DatasetNotFoundError,
     ImageClassificationDataModule,
@@ -68,6 +70,14 @@ class ImageWoofDataModule(ImageClassificationDataModule):
         md5: Expected MD5 of the archive; ``None`` skips the check.
         pin_memory: Pin host memory in the loaders.
         drop_last: Drop the last incomplete training batch.
+        auto_augment: None, an AutoAugment policy (``"cifar10"``, ``"imagenet"``,
+            ``"svhn"``) or a timm policy string (``"rand-m9-mstd0.5-inc1"``); see
+            :class:`~singd_lightning.data._common.Augmentation`.
+        random_erasing: Probability of timm's random erasing (0: off).
+        mixup: α of timm's mixup (0: off); training targets become soft.
+        cutmix: α of timm's CutMix (0: off).
+        mix_prob: Probability of mixing a batch.
+        mix_switch_prob: With both on, the probability of CutMix rather than mixup.
     """
 
     num_classes = 10
@@ -88,8 +98,19 @@ class ImageWoofDataModule(ImageClassificationDataModule):
         md5: str | None = IMAGEWOOF_MD5,
         pin_memory: bool = False,
         drop_last: bool = False,
+        auto_augment: str | None = None,
+        random_erasing: float = 0.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        mix_prob: float = 1.0,
+        mix_switch_prob: float = 0.5,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, drop_last)
+        augmentation = Augmentation(
+            image_size, IMAGENET_MEAN, self.num_classes, batch_size,
+            auto_augment=auto_augment, random_erasing=random_erasing, mixup=mixup, cutmix=cutmix,
+            mix_prob=mix_prob, mix_switch_prob=mix_switch_prob,
+        )
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.download = download
@@ -101,6 +122,8 @@ class ImageWoofDataModule(ImageClassificationDataModule):
         self.seed = seed
         self.md5 = md5
         self.classes: list[str] = []
+        self.augmentation = augmentation
+        self.batch_mixer = augmentation.batch_mixer()
 
     @property
     def folder(self) -> Path:
@@ -150,29 +173,25 @@ class ImageWoofDataModule(ImageClassificationDataModule):
     def prepare_data(self) -> None:
         self.ensure_available()
 
+    def _resize_crop(self) -> list:
+        return [T.Resize(round(self.image_size / self.crop_pct)), T.CenterCrop(self.image_size)]
+
     def eval_transform(self) -> T.Compose:
         """Resize to ``image_size / crop_pct``, centre-crop, tensor, normalise."""
-        return T.Compose(
-            [
-                T.Resize(round(self.image_size / self.crop_pct)),
-                T.CenterCrop(self.image_size),
-                T.ToTensor(),
-                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            ]
-        )
+        return T.Compose([*self._resize_crop(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def train_transform(self) -> T.Compose:
-        """``RandomResizedCrop`` and flip (if ``augment``), tensor, normalise."""
-        if not self.augment:
-            return self.eval_transform()
-        return T.Compose(
-            [
-                T.RandomResizedCrop(self.image_size, scale=self.crop_scale),
-                T.RandomHorizontalFlip(),
-                T.ToTensor(),
-                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            ]
-        )
+        """``RandomResizedCrop`` and flip (if ``augment``; else the evaluation's
+        resize and crop), optional AutoAugment, tensor, normalise, optional random
+        erasing."""
+        if self.augment:
+            geometric = [T.RandomResizedCrop(self.image_size, scale=self.crop_scale), T.RandomHorizontalFlip()]
+        else:
+            geometric = self._resize_crop()
+        return T.Compose([
+            *geometric, *self.augmentation.image_transforms(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            *self.augmentation.tensor_transforms(),
+        ])
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

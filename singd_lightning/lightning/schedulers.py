@@ -23,6 +23,7 @@ groups are handed to the new groups derived from them (``group_map``).
 
 from __future__ import annotations
 
+import math
 import warnings
 from bisect import bisect_right
 from collections.abc import Sequence
@@ -191,4 +192,73 @@ def retarget_scheduler(scheduler: Any, optimizer: Optimizer, group_map: Sequence
             scheduler.step()
 
 
-__all__ = ["retarget_scheduler"]
+#: Warm-up shapes of :class:`WarmupCosineLR`.
+WARMUP_SHAPES = ("linear", "reciprocal")
+
+
+class WarmupCosineLR(lrs.LRScheduler):
+    """Warm-up for ``warmup_epochs``, then cosine decay to ``eta_min`` at ``max_epochs``.
+
+    Stepped once per epoch. At epoch ``e`` the learning rate is ``base_lr`` times:
+
+    * ``warmup="linear"``: ``(e + 1) / (warmup_epochs + 1)`` (a linear ramp that
+      reaches ``base_lr`` when the cosine starts, the per-epoch form of
+      SPT_LSA_ViT's ``utils/scheduler.py``, which ramps per step);
+    * ``warmup="reciprocal"``: ``1 / (warmup_epochs − e)`` (Compact-Transformers
+      v1.0 ``main.py``, ``adjust_learning_rate``: ``lr / (warmup − epoch)``);
+
+    and from ``e = warmup_epochs`` on ``η + (1 − η)·½(1 + cos(π (e − w) / (E − w)))``
+    with ``η = eta_min / base_lr`` (``eta_min = 0`` in both sources' CIFAR code).
+    A relative schedule: :func:`retarget_scheduler` moves it to another optimizer.
+
+    Args:
+        optimizer: The optimizer.
+        warmup_epochs: Epochs of warm-up (``w`` ≥ 0).
+        max_epochs: Total epochs (``E`` > ``w``).
+        warmup: ``"linear"`` or ``"reciprocal"``.
+        eta_min: Learning rate at the end of the cosine (≥ 0, the same for every group).
+        last_epoch: As in PyTorch's schedulers.
+
+    Raises:
+        ValueError: For a value outside the ranges above.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        warmup_epochs: int,
+        max_epochs: int,
+        warmup: str = "linear",
+        eta_min: float = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
+        for name, value, low in (("warmup_epochs", warmup_epochs, 0), ("max_epochs", max_epochs, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+        if warmup_epochs >= max_epochs:
+            raise ValueError(f"warmup_epochs ({warmup_epochs}) must be less than max_epochs ({max_epochs}).")
+        if warmup not in WARMUP_SHAPES:
+            raise ValueError(f"warmup must be one of {list(WARMUP_SHAPES)}, got {warmup!r}.")
+        if isinstance(eta_min, bool) or not isinstance(eta_min, (int, float)) or not eta_min >= 0:
+            raise ValueError(f"eta_min must be a number >= 0, got {eta_min!r}.")
+        self.warmup_epochs = warmup_epochs
+        self.max_epochs = max_epochs
+        self.warmup = warmup
+        self.eta_min = float(eta_min)
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, epoch: int, base_lr: float) -> float:
+        """The multiple of ``base_lr`` at ``epoch``."""
+        w, total = self.warmup_epochs, self.max_epochs
+        if epoch < w:
+            return (epoch + 1) / (w + 1) if self.warmup == "linear" else 1.0 / (w - epoch)
+        progress = min(epoch - w, total - w) / (total - w)
+        floor = self.eta_min / base_lr if base_lr > 0 else 0.0
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def get_lr(self) -> list[float]:
+        # Closed form (not chained from the current lr): exact after a resume.
+        return [base_lr * self.factor(self.last_epoch, base_lr) for base_lr in self.base_lrs]
+
+
+__all__ = ["WarmupCosineLR", "retarget_scheduler"]
