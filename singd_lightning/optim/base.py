@@ -433,27 +433,42 @@ class KroneckerOptimizer(Optimizer):
         return reduced
 
     def _all_reduce(self, layers: list[KroneckerLayer]) -> dict[str, list]:
-        """Sum the statistics of all ``layers`` over ranks in one flat collective."""
-        pieces, shapes = [], []
+        """Sum the statistics of all ``layers`` over ranks in one flat collective.
+
+        The collective runs in the accumulators' dtype (float32 unless a
+        preconditioner is float64), not in float64: float64 halves the bandwidth
+        and is slow on GPUs. The error this adds is bounded: the ``W`` ranks'
+        values of an entry are summed with ``W − 1`` roundings, so
+        ``|ŝ − s| ≤ (W − 1)·2⁻²⁴·Σ_r |x_r|`` (< 6.2e-5·Σ|x_r| for ``W ≤ 1024``), the
+        same bound as each rank's own float32 sum over its batch, which has at
+        least as many terms. The counts travel in the same buffer (exact up to
+        2²⁴, then rounded as the float32 divisor they become); all of them are
+        read back with one host synchronisation, not one per layer.
+        """
+        accumulators = [t for layer in layers for t in self._stats.get(layer.name, [])[:2]]
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in accumulators) else torch.float32
         device = layers[0].weight.device
+        pieces, sizes, counts = [], [], []
         for layer in layers:
             entry = self._stats.get(layer.name)
             numel_in, numel_out = self._statistics_numel(layer)
             if entry is None:
-                pieces += [torch.zeros(numel_in + numel_out + 2, device=device, dtype=torch.float64)]
+                pieces.append(torch.zeros(numel_in + numel_out, device=device, dtype=dtype))
+                counts += [0, 0]
             else:
-                counts = torch.tensor([entry[2], entry[3]], dtype=torch.float64, device=device)
-                pieces += [entry[0].double().flatten(), entry[1].double().flatten(), counts]
-            shapes.append((numel_in, numel_out))
+                pieces += [entry[0].to(dtype).flatten(), entry[1].to(dtype).flatten()]
+                counts += [entry[2], entry[3]]
+            sizes.append((numel_in, numel_out))
+        pieces.append(torch.tensor(counts, dtype=dtype, device=device))
         flat = torch.cat(pieces)
         dist.all_reduce(flat)
+        totals = flat[-len(counts):].tolist()
         out, offset = {}, 0
-        for layer, (numel_in, numel_out) in zip(layers, shapes):
+        for i, (layer, (numel_in, numel_out)) in enumerate(zip(layers, sizes)):
             acc_in = flat[offset:offset + numel_in]
             acc_out = flat[offset + numel_in:offset + numel_in + numel_out]
-            n, num_terms = flat[offset + numel_in + numel_out:offset + numel_in + numel_out + 2].tolist()
-            offset += numel_in + numel_out + 2
-            out[layer.name] = [acc_in, acc_out, n, num_terms]
+            offset += numel_in + numel_out
+            out[layer.name] = [acc_in, acc_out, totals[2 * i], totals[2 * i + 1]]
         return out
 
     @abstractmethod

@@ -168,6 +168,7 @@ def _damped_inverse(mat: Tensor, damping: float) -> Tensor:
     work = mat.to(torch.promote_types(mat.dtype, torch.float32))
     work = work + damping * torch.eye(mat.shape[0], dtype=work.dtype, device=work.device)
     inverse, info = torch.linalg.inv_ex(work)
-    if int(info) != 0:
-        inverse = torch.full_like(work, float("nan"))  # rejected by the finite check
+    # A failed inverse becomes NaN, which the finite check rejects; masked on the
+    # device, since reading ``info`` on the host would synchronise once per factor.
+    inverse = inverse.masked_fill_(info != 0, float("nan"))
     return inverse.to(mat.dtype)
