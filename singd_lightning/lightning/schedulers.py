@@ -208,7 +208,8 @@ class WarmupCosineLR(lrs.LRScheduler):
       v1.0 ``main.py``, ``adjust_learning_rate``: ``lr / (warmup − epoch)``);
 
     and from ``e = warmup_epochs`` on ``η + (1 − η)·½(1 + cos(π (e − w) / (E − w)))``
-    with ``η = eta_min / base_lr`` (``eta_min = 0`` in both sources' CIFAR code).
+    with ``η = eta_min / base_lr`` (Compact-Transformers v1.0 decays to 0,
+    SPT_LSA_ViT to 1e-6).
     A relative schedule: :func:`retarget_scheduler` moves it to another optimizer.
 
     Args:

@@ -23,7 +23,7 @@ GROUP_OPTIONS: dict[str, set[str]] = {
         "triu_toeplitz", "tril_top_left_diagonal", "tril_bottom_right_diagonal",
         "triu_top_left_diagonal", "triu_bottom_right_diagonal",
     },
-    "precision": {"fp32", "bf16", "bf16-true", "fp16"},
+    "precision": {"fp32", "bf16", "bf16-fp32-factors", "bf16-true", "fp16"},
     "model": {"vgg", "convmixer", "cct", "swin", "vgg_small", "convmixer_tiny", "cct_tiny", "swin_nano", "timm",
               "mlp", "cnn1d"},
     "data": {"cifar100", "imagewoof10", "digits", "mnist1d"},
@@ -34,7 +34,8 @@ GROUP_OPTIONS: dict[str, set[str]] = {
     },
     "hparams_search": {"singd", "ingd", "ikfac", "kfac", "adamw", "sgd"},
     "launcher": {"local", "slurm"},
-    "scheduler": {"cosine", "constant"},
+    "scheduler": {"cosine", "constant", "multistep", "warmup_cosine"},
+    "recipe": {"none", "paper"},
     "callbacks": {"default", "with_checkpoint"},
 }  # fmt: skip
 

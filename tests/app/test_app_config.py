@@ -124,10 +124,11 @@ def test_structure_sizes_and_factors_apart() -> None:
 @pytest.mark.parametrize("option", _params("precision"))
 def test_precision_options(option: str) -> None:
     cfg = compose_cfg([f"precision={option}", "trainer=cpu", "logger=csv", "paths.output_dir=."])
-    trainer_precision = {"fp32": "32-true", "bf16": "bf16-mixed", "bf16-true": "bf16-true", "fp16": "16-mixed"}
+    trainer_precision = {"fp32": "32-true", "bf16": "bf16-mixed", "bf16-fp32-factors": "bf16-mixed",
+                         "bf16-true": "bf16-true", "fp16": "16-mixed"}
     assert cfg.trainer.precision == trainer_precision[option]
     dtype = OmegaConf.to_container(cfg.optimizer, resolve=True)["preconditioner_dtype"]
-    assert dtype == (["bf16", "bf16"] if option == "bf16" else [None, None])
+    assert dtype == {"bf16": ["bf16", "bf16"], "bf16-fp32-factors": ["fp32", "fp32"]}.get(option, [None, None])
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
     if option == "fp16":  # Lightning has no fp16 autocast on a CPU: it falls back to bf16
         assert trainer.precision == ("16-mixed" if torch.cuda.is_available() else "bf16-mixed")
