@@ -48,7 +48,10 @@ class PerformanceMonitor(Callback):
 
     Logged: ``perf/step_time_ms`` and ``perf/optimizer_step_ms`` (means over the
     epoch's measured steps), ``perf/peak_memory_mb`` and, at the end,
-    ``perf/optimizer_state_mb``.
+    ``perf/optimizer_state_mb``. With every validation, in its row of the logs:
+    ``perf/train_time_s``, the training steps' cumulative wall time (every step,
+    warm-up included; no evaluation or data loading), and ``perf/train_steps``, the
+    optimizer steps so far, so that time- and steps-to-target read off one row.
 
     Args:
         warmup_steps: Leading training steps excluded from the step time.
@@ -127,6 +130,14 @@ class PerformanceMonitor(Callback):
             if opt_elapsed is not None:
                 self._opt_times.append(opt_elapsed)
                 self._epoch_opt_times.append(opt_elapsed)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        # Logged here, not at the training epoch's end: Lightning validates before that
+        # hook, and a reader wants the time and steps in the row of the validation metrics.
+        pl_module.log("perf/train_time_s", sum(self._all_times), rank_zero_only=True)
+        pl_module.log("perf/train_steps", float(trainer.global_step), rank_zero_only=True)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         times = self._epoch_times or self._all_times
