@@ -77,6 +77,16 @@ def build_model(cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
     # An unknown name is left to create_model, whose error lists the valid ones.
     known = name in MODELS or cfg.model.get("_target_") != "singd_lightning.models.create_model"
     # Checked here: a mismatch would otherwise fail deep inside the first forward pass.
+    from singd_lightning.models import GRAPH_MODELS
+
+    graph = getattr(datamodule, "num_nodes", None) is not None  # a whole graph per batch (data=cora)
+    if graph and known and name not in GRAPH_MODELS:
+        raise ConfigError(
+            f"model: {name} does not take a graph, but data={cfg.data.get('name')} gives one (node features "
+            f"and adjacency); use one of model={', model='.join(sorted(GRAPH_MODELS))}."
+        )
+    if not graph and name in GRAPH_MODELS:
+        raise ConfigError(f"model: {name} takes a graph, but data={cfg.data.get('name')} gives none; use data=cora.")
     if seq_len is not None and known and name not in SEQUENCE_MODELS:
         raise ConfigError(
             f"model: {name} takes 2-D images, but data={cfg.data.get('name')} gives 1-D sequences "

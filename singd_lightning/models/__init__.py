@@ -23,6 +23,14 @@ Parameter counts are for the number of classes in brackets.
 | ``swin_tiny_32`` | Swin, p2 w4 | 32 px | 7.08M (100) |
 | ``swin_tiny_128`` / ``swin_tiny_160`` | Swin, p8 w4 / w5 | 128 / 160 px | 7.07M (10) |
 | ``swin_nano`` | Swin (test size) | 32 px | 26k (10) |
+| ``gcvit_xxtiny_32`` / ``gcvit_xxtiny_128`` | GC-ViT-XXTiny (timm) | 32 / 128 px | 11.4M / 11.5M (10) |
+| ``gcvit_nano`` | GC-ViT (test size, timm) | 32 px | 0.37M (10) |
+| ``repvit_m0_9`` | RepViT-M0.9 (timm, no distillation head) | any (≥32 px) | 4.7M (10) |
+| ``repvit_nano`` | RepViT (test size, timm) | any (≥32 px) | 94k (10) |
+| ``hdvt_tiny_32`` / ``hdvt_small_32`` | HDVT (DHVT-T / -S), patch 4 | 32 px | 6.0M / 23.4M (100) |
+| ``hdvt_tiny_128`` | HDVT (DHVT-T), patch 8 | 128 px | 6.0M (10) |
+| ``hdvt_nano`` | HDVT (test size) | 32 px | 30k (100) |
+| ``gcn`` | GCN, 2 layers, 16 hidden | a graph's nodes (``data=cora``) | 23k (7) |
 | ``mlp`` | MLP 40-256-256 | 1-D sequences, length ``seq_len`` | 78k (10) |
 | ``cnn1d`` | Conv1d 32-64-64, k5, global pool | 1-D sequences, any length | 32k (10) |
 
@@ -44,7 +52,11 @@ from singd_lightning.models.convmixer import (
     convmixer_256_16,
     convmixer_tiny,
 )
+from singd_lightning.models.gcn import GCN, gcn
+from singd_lightning.models.gcvit import gcvit_nano, gcvit_xxtiny_32, gcvit_xxtiny_128
+from singd_lightning.models.hdvt import HDVT, hdvt_nano, hdvt_small_32, hdvt_tiny_32, hdvt_tiny_128
 from singd_lightning.models.mlp import MLP, mlp
+from singd_lightning.models.repvit import repvit_m0_9, repvit_nano
 from singd_lightning.models.swin import (
     SwinTransformer,
     swin_nano,
@@ -73,6 +85,16 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "swin_tiny_128": swin_tiny_128,
     "swin_tiny_160": swin_tiny_160,
     "swin_nano": swin_nano,
+    "gcvit_xxtiny_32": gcvit_xxtiny_32,
+    "gcvit_xxtiny_128": gcvit_xxtiny_128,
+    "gcvit_nano": gcvit_nano,
+    "repvit_m0_9": repvit_m0_9,
+    "repvit_nano": repvit_nano,
+    "hdvt_tiny_32": hdvt_tiny_32,
+    "hdvt_small_32": hdvt_small_32,
+    "hdvt_tiny_128": hdvt_tiny_128,
+    "hdvt_nano": hdvt_nano,
+    "gcn": gcn,
     "mlp": mlp,
     "cnn1d": cnn1d,
 }
@@ -80,6 +102,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 #: Names of the models whose input is a 1-D sequence ``(N, in_chans, seq_len)``; the
 #: others take images ``(N, in_chans, H, W)``.
 SEQUENCE_MODELS: frozenset[str] = frozenset({"mlp", "cnn1d"})
+#: Names of the models whose input is a whole graph ``(features, adjacency)`` and whose
+#: output is one row of logits per node (``data=cora``).
+GRAPH_MODELS: frozenset[str] = frozenset({"gcn"})
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs) -> nn.Module:
@@ -112,6 +137,9 @@ def list_models() -> list[str]:
 __all__ = [
     "CCT",
     "CNN1d",
+    "GCN",
+    "GRAPH_MODELS",
+    "HDVT",
     "MLP",
     "MODELS",
     "SEQUENCE_MODELS",

@@ -5,6 +5,7 @@ loggers, callbacks, launchers and sweepers)."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import hydra
 import lightning as L
@@ -62,9 +63,14 @@ def test_model_options_build_and_run(option: str) -> None:
     sequences = option in ("mlp", "cnn1d")  # 1-D models, for data=mnist1d
     cfg = compose_cfg([f"model={option}", *(["data=mnist1d"] if sequences else [])])
     datamodule = hydra.utils.instantiate(cfg.data)
+    size = 224 if option == "vit" else 32  # vit: timm's ViT-Tiny for 224 px
+    x = torch.randn(2, 1, 40) if sequences else torch.randn(2, 3, size, size)
+    if option == "gcn":  # a graph model: sized by a graph's node features, one output row per node
+        datamodule = SimpleNamespace(num_classes=10, in_chans=4, num_nodes=2)
+        x = (torch.randn(2, 4), torch.eye(2).to_sparse())
     net = build_model(cfg, datamodule)
     with torch.no_grad():
-        out = net(torch.randn(2, 1, 40) if sequences else torch.randn(2, 3, 32, 32))
+        out = net(x)
     assert out.shape == (2, 10)
 
 
