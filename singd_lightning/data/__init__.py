@@ -11,13 +11,17 @@ module: ``seq_len`` instead). Build one by name with :func:`create_datamodule`::
 | ``cifar100`` | CIFAR-100 | 100 | 32 px | ``cifar-100-python`` |
 | ``imagewoof`` | ImageWoof-10 (160 px archive) | 10 | 128 px (configurable) | ``imagewoof2-160`` |
 | ``mnist1d`` | MNIST-1D sequences (generated offline) | 10 | length 40, 1 channel | no |
+| ``cora`` | Cora citation graph, Planetoid split (full batch) | 7 | 2708 nodes, 1433 features | ``planetoid/ind.cora.*`` |
+| ``imagenet100`` | ImageNet-100 (CMC classes) or any ImageFolder | from the folders | 224 px (configurable) | ``imagenet100/{train,val}`` |
 """
 
 from __future__ import annotations
 
 from singd_lightning.data._common import DatasetNotFoundError, ImageClassificationDataModule
 from singd_lightning.data.cifar100 import CIFAR100DataModule
+from singd_lightning.data.cora import CoraDataModule
 from singd_lightning.data.digits import DigitsDataModule
+from singd_lightning.data.imagenet100 import ImageNet100DataModule
 from singd_lightning.data.imagewoof import ImageWoofDataModule
 from singd_lightning.data.mnist1d import MNIST1DDataModule
 
@@ -27,6 +31,8 @@ DATAMODULES: dict[str, type[ImageClassificationDataModule]] = {
     "cifar100": CIFAR100DataModule,
     "imagewoof": ImageWoofDataModule,
     "mnist1d": MNIST1DDataModule,
+    "cora": CoraDataModule,
+    "imagenet100": ImageNet100DataModule,
 }
 
 
@@ -52,9 +58,11 @@ def create_datamodule(name: str, **kwargs) -> ImageClassificationDataModule:
 __all__ = [
     "DATAMODULES",
     "CIFAR100DataModule",
+    "CoraDataModule",
     "DatasetNotFoundError",
     "DigitsDataModule",
     "ImageClassificationDataModule",
+    "ImageNet100DataModule",
     "ImageWoofDataModule",
     "MNIST1DDataModule",
     "create_datamodule",
