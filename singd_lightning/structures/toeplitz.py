@@ -36,16 +36,36 @@ from singd_lightning.structures.base import Structure
 # (d = 576–2304). The FFT routes are memory-bound, matrix products are not, hence
 # the large constant.
 FFT_COST = 37.0
+# The same on CUDA: not measured yet (scripts/gpu_check.sh times the Toeplitz
+# routes), estimated from an H100's figures. A float64 row transform of length N
+# moves ~16·N bytes (cuFFT does N ≤ 4096 in one pass), and the buffer copies and
+# spectrum products of a pass about as much again: ~1e-11·N s at 3.35 TB/s. A
+# float32 matrix product runs 3.3e13 multiply-adds/s on CUDA cores (67 TFLOP/s),
+# 2.5e14 on tensor cores in TF32 (495 TFLOP/s): ~320·N or ~2500·N multiply-adds,
+# i.e. ~25 or ~200 per N·log2(N) at N ≈ 4096. TF32 is on when PyTorch's float32
+# matmul precision is not "highest".
+CUDA_FFT_COST = 25.0
+CUDA_FFT_COST_TF32 = 200.0
 # The dtype of every transform (see the module docstring).
 _FFT_DTYPE = torch.float64
 # Elements per block of the FFT pipelines (4 MiB of float64), so that their
 # buffers stay in cache: the transforms are memory-bound on large blocks.
 _BLOCK_ELEMENTS = 1 << 19
+# On CUDA a block's kernels cost ~5 µs each to launch whatever their size, and
+# there is no cache to fit: blocks of 128 MiB of float64 keep the launches few
+# (a statistic over 128 × 1024 columns at d = 2048: 32 blocks instead of 1024).
+_CUDA_BLOCK_ELEMENTS = 1 << 24
 
 
-def _fft_cost(dim: int, rows: int, passes: int) -> float:
+def _fft_cost(dim: int, rows: int, passes: int, device: torch.device) -> float:
+    """Cost of ``passes`` transforms of ``rows`` rows on ``device``, in float32
+    matrix-product multiply-adds (see the constants above)."""
     n_fft = _fft_len(dim)
-    return FFT_COST * passes * rows * n_fft * math.log2(n_fft)
+    if device.type == "cuda":
+        constant = CUDA_FFT_COST_TF32 if torch.backends.cuda.matmul.allow_tf32 else CUDA_FFT_COST
+    else:
+        constant = FFT_COST
+    return constant * passes * rows * n_fft * math.log2(n_fft)
 
 
 def _fft_len(dim: int) -> int:
@@ -84,7 +104,8 @@ def _padded_row_blocks(x: Tensor, n_fft: int) -> Iterator[tuple[int, Tensor]]:
     the transforms' ``n=`` would copy and fill on every call, and the copy into it is
     the upcast. Callers must not write to it."""
     d, n = x.shape[-2:]
-    block = max(1, min(n, _BLOCK_ELEMENTS // n_fft))
+    elements = _CUDA_BLOCK_ELEMENTS if x.device.type == "cuda" else _BLOCK_ELEMENTS
+    block = max(1, min(n, elements // n_fft))
     buffer = None
     for start in range(0, n, block):
         m = min(block, n - start)
@@ -143,7 +164,7 @@ class _TriangularToeplitz(Structure):
         out_dtype = torch.promote_types(data.dtype, x.dtype)
         dtype = compute_dtype(out_dtype)
         d, n_fft = self.dim, _fft_len(self.dim)
-        if d**2 <= _fft_cost(d, 1, passes=2):  # short rows: dense product
+        if d**2 <= _fft_cost(d, 1, passes=2, device=x.device):  # short rows: dense product
             mat = self.to_dense(data.to(dtype))
             return ((mat.mT if transpose else mat) @ x.to(dtype)).to(out_dtype)
         batch, t, x = _flat_batch(data, x)
@@ -157,7 +178,7 @@ class _TriangularToeplitz(Structure):
         out_dtype = torch.promote_types(data.dtype, x.dtype)
         dtype = compute_dtype(out_dtype)
         d, n_fft = self.dim, _fft_len(self.dim)
-        if d**2 <= _fft_cost(d, 1, passes=2):
+        if d**2 <= _fft_cost(d, 1, passes=2, device=x.device):
             return dense_matmul_outer(self.to_dense(data.to(dtype)), x.to(dtype)).to(out_dtype)
         # Row by row (the columns of x): Sᵀ then S in the frequency domain, with
         # the tail of Sᵀ x zeroed between the two (its truncation to d entries),
@@ -192,14 +213,14 @@ class _TriangularToeplitz(Structure):
 
     def project_outer(self, y: Tensor) -> Tensor:
         y_work = y.to(compute_dtype(y.dtype))
-        if self.dim**2 <= _fft_cost(self.dim, 1, passes=1):  # short rows: dense Gram
+        if self.dim**2 <= _fft_cost(self.dim, 1, passes=1, device=y.device):  # short rows: dense Gram
             return self.project(symmetric_matmul(y_work, y_work.mT)).to(y.dtype)
         return self._project_outer_fft(y).to(y.dtype)
 
     def project_gram(self, data: Tensor, x: Tensor) -> Tensor:
         out_dtype = torch.promote_types(data.dtype, x.dtype)
         dtype = compute_dtype(out_dtype)
-        if self._gram_first(x.shape[-1]):
+        if self._gram_first(x.shape[-1], x.device):
             t, x = data.to(dtype), x.to(dtype)
             return self._project_sandwich(t, symmetric_matmul(x, x.mT)).to(out_dtype)
         return self._project_outer_fft(x, data).to(out_dtype)
@@ -207,19 +228,19 @@ class _TriangularToeplitz(Structure):
     def project_gram_rows(self, data: Tensor, rows) -> Tensor:
         out_dtype = torch.promote_types(data.dtype, rows.dtype)
         dtype = compute_dtype(out_dtype)
-        if self._gram_first(rows.n):
+        if self._gram_first(rows.n, data.device):
             gram = rows.gram().to(dtype)
             return self._project_sandwich(data.to(dtype), gram).to(out_dtype)
         # The chunks' float64 statistics are summed in float64 (one rounding at the end).
         return rows.reduce(lambda x: self._project_outer_fft(x, data), row_major=True).to(out_dtype)
 
-    def _gram_first(self, n: int) -> bool:
+    def _gram_first(self, n: int, device: torch.device) -> bool:
         """Whether Π(Sᵀ X Xᵀ S) for ``n`` columns is cheaper through the Gram matrix
         ``X Xᵀ`` (``n·d²``, then two products with ``S`` over its ``d`` rows) than by
-        three FFT passes over all ``n`` columns."""
+        three FFT passes over all ``n`` columns, on ``device``."""
         d = self.dim
-        sandwich = 2 * min(d**3, _fft_cost(d, d, passes=2))
-        return n * d * d + sandwich < _fft_cost(d, n, passes=3)
+        sandwich = 2 * min(d**3, _fft_cost(d, d, passes=2, device=device))
+        return n * d * d + sandwich < _fft_cost(d, n, passes=3, device=device)
 
     def _project_sandwich(self, t: Tensor, gram: Tensor) -> Tensor:
         """Π(Sᵀ G S) for a dense symmetric ``G``: ``Sᵀ (Sᵀ G)ᵀ = Sᵀ G S``."""
