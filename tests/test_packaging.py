@@ -39,6 +39,7 @@ def test_wheel_ships_the_configs_and_runs_the_app_from_any_folder(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "singd_lightning/conf/train.yaml" in names
     assert "singd_lightning/conf/optimizer/singd.yaml" in names
+    assert "singd_lightning/conf/recipe/optimizer/paper_kfac.yaml" in names  # a nested group
     assert "singd_lightning/py.typed" in names
     assert any(name.endswith("licenses/LICENSE") for name in names)
     site = tmp_path / "site"
