@@ -11,6 +11,7 @@ module: ``seq_len`` instead). Build one by name with :func:`create_datamodule`::
 | ``cifar100`` | CIFAR-100 | 100 | 32 px | ``cifar-100-python`` |
 | ``imagewoof`` | ImageWoof-10 (160 px archive) | 10 | 128 px (configurable) | ``imagewoof2-160`` |
 | ``mnist1d`` | MNIST-1D sequences (generated offline) | 10 | length 40, 1 channel | no |
+| ``synthetic`` | class patterns plus noise (generated offline) | 100 | 32 px | no |
 | ``cora`` | Cora citation graph, Planetoid split (full batch) | 7 | 2708 nodes, 1433 features | ``planetoid/ind.cora.*`` |
 | ``imagenet100`` | ImageNet-100 (CMC classes) or any ImageFolder | from the folders | 224 px (configurable) | ``imagenet100/{train,val}`` |
 """
@@ -24,6 +25,7 @@ from singd_lightning.data.digits import DigitsDataModule
 from singd_lightning.data.imagenet100 import ImageNet100DataModule
 from singd_lightning.data.imagewoof import ImageWoofDataModule
 from singd_lightning.data.mnist1d import MNIST1DDataModule
+from singd_lightning.data.synthetic import SyntheticDataModule
 
 #: Data module classes by name.
 DATAMODULES: dict[str, type[ImageClassificationDataModule]] = {
@@ -31,6 +33,7 @@ DATAMODULES: dict[str, type[ImageClassificationDataModule]] = {
     "cifar100": CIFAR100DataModule,
     "imagewoof": ImageWoofDataModule,
     "mnist1d": MNIST1DDataModule,
+    "synthetic": SyntheticDataModule,
     "cora": CoraDataModule,
     "imagenet100": ImageNet100DataModule,
 }
@@ -65,5 +68,6 @@ __all__ = [
     "ImageNet100DataModule",
     "ImageWoofDataModule",
     "MNIST1DDataModule",
+    "SyntheticDataModule",
     "create_datamodule",
 ]
