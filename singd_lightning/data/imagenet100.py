@@ -13,9 +13,10 @@ must have the same ones): an extracted ImageNet-100, or any other ImageFolder da
 ``classes="cmc"`` uses only the 100 CMC classes, so the folder may be a full
 ImageNet-1k (``train/`` and ``val/`` in class folders); a missing one is an error.
 The ``val/`` folder is the test split; a seeded slice of ``train/`` is the
-validation split. Training images get ``RandomResizedCrop`` and a horizontal flip;
-evaluation images are resized to ``image_size / crop_pct`` and centre-cropped
-(224 px and 0.875: the standard ImageNet evaluation).
+validation split. Training images get ``RandomResizedCrop`` and a horizontal flip
+(and, as options, timm's AutoAugment/RandAugment, random erasing, mixup and CutMix, as
+the other image data modules); evaluation images are resized to ``image_size /
+crop_pct`` and centre-cropped (224 px and 0.875: the standard ImageNet evaluation).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 from singd_lightning.data._common import (
+    Augmentation,
     DatasetNotFoundError,
     ImageClassificationDataModule,
     TransformSubset,
@@ -89,10 +91,18 @@ class ImageNet100DataModule(ImageClassificationDataModule):
         seed: Seed of the train/validation split.
         pin_memory: Pin host memory in the loaders.
         drop_last: Drop the last incomplete training batch.
+        auto_augment: None, an AutoAugment policy (``"imagenet"``, ...) or a timm
+            policy string (``"rand-m9-mstd0.5-inc1"``); see
+            :class:`~singd_lightning.data._common.Augmentation`.
+        random_erasing: Probability of timm's random erasing (0: off).
+        mixup: α of timm's mixup (0: off); training targets become soft.
+        cutmix: α of timm's CutMix (0: off).
+        mix_prob: Probability of mixing a batch.
+        mix_switch_prob: With both on, the probability of CutMix rather than mixup.
 
     Raises:
-        ValueError: ``classes`` is not one of :data:`CLASS_CHOICES`, or a size is
-            not positive.
+        ValueError: ``classes`` is not one of :data:`CLASS_CHOICES`, a size is not
+            positive, or an augmentation option is invalid.
     """
 
     in_chans = 3
@@ -112,6 +122,12 @@ class ImageNet100DataModule(ImageClassificationDataModule):
         seed: int = 0,
         pin_memory: bool = False,
         drop_last: bool = False,
+        auto_augment: str | None = None,
+        random_erasing: float = 0.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        mix_prob: float = 1.0,
+        mix_switch_prob: float = 0.5,
     ) -> None:
         if classes not in CLASS_CHOICES:
             raise ValueError(f"classes must be one of {', '.join(CLASS_CHOICES)}, got {classes!r}.")
@@ -120,6 +136,12 @@ class ImageNet100DataModule(ImageClassificationDataModule):
         if not isinstance(crop_pct, (int, float)) or isinstance(crop_pct, bool) or not 0 < crop_pct <= 1:
             raise ValueError(f"crop_pct must be a number in (0, 1], got {crop_pct!r}.")
         super().__init__(batch_size, num_workers, pin_memory, drop_last)
+        self._augmentation_options = dict(
+            auto_augment=auto_augment, random_erasing=random_erasing, mixup=mixup, cutmix=cutmix,
+            mix_prob=mix_prob, mix_switch_prob=mix_switch_prob,
+        )
+        # checked now; mixup's soft targets get the number of classes in setup, from the folders
+        self.augmentation = Augmentation(image_size, IMAGENET_MEAN, 2, batch_size, **self._augmentation_options)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.folder_name = folder
@@ -195,17 +217,16 @@ class ImageNet100DataModule(ImageClassificationDataModule):
         )
 
     def train_transform(self) -> T.Compose:
-        """``RandomResizedCrop`` and flip (if ``augment``), tensor, normalise."""
-        if not self.augment:
-            return self.eval_transform()
-        return T.Compose(
-            [
-                T.RandomResizedCrop(self.image_size, scale=self.crop_scale),
-                T.RandomHorizontalFlip(),
-                T.ToTensor(),
-                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            ]
-        )
+        """``RandomResizedCrop`` and flip (if ``augment``; else the evaluation's resize
+        and crop), optional AutoAugment, tensor, normalise, optional random erasing."""
+        if self.augment:
+            geometric = [T.RandomResizedCrop(self.image_size, scale=self.crop_scale), T.RandomHorizontalFlip()]
+        else:
+            geometric = [T.Resize(round(self.image_size / self.crop_pct)), T.CenterCrop(self.image_size)]
+        return T.Compose([
+            *geometric, *self.augmentation.image_transforms(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            *self.augmentation.tensor_transforms(),
+        ])
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -218,6 +239,10 @@ class ImageNet100DataModule(ImageClassificationDataModule):
             raise self._not_found(str(err)) from err
         self.classes = classes
         self._num_classes = len(classes)
+        self.augmentation = Augmentation(
+            self.image_size, IMAGENET_MEAN, len(classes), self.batch_size, **self._augmentation_options
+        )
+        self.batch_mixer = self.augmentation.batch_mixer()
         train_idx, val_idx = split_indices(len(train), self.val_size, self.seed)
         self.train_set = TransformSubset(train, train_idx, self.train_transform())
         self.val_set = TransformSubset(train, val_idx, self.eval_transform())

@@ -34,6 +34,22 @@ def test_reads_the_folders_it_finds(tmp_path: Path) -> None:
     assert xt.shape == (4, 3, 32, 32) and yt.tolist() == [0, 0, 1, 1]  # PNG and JPEG alike, class order
 
 
+def test_augmentations_and_mixup_for_the_classes_found(tmp_path: Path) -> None:
+    from timm.data import Mixup
+
+    write_image_folder(tmp_path / "imagenet100", CLASSES, {"train": 2, "val": 1})
+    dm = ImageNet100DataModule(tmp_path, batch_size=2, num_workers=0, image_size=32, val_size=2,
+                               auto_augment="rand-m9-mstd0.5-inc1", random_erasing=0.25, mixup=0.8, cutmix=1.0)
+    assert dm.batch_mixer is None  # the classes are not known before setup
+    dm.setup("fit")
+    assert isinstance(dm.batch_mixer, Mixup) and dm.batch_mixer.num_classes == 3
+    names = [type(t).__name__ for t in dm.train_transform().transforms]
+    assert names[2] == "RandAugment" and names[-1] == "RandomErasing"
+    assert dm.train_set[0][0].shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="batch_size must be even with mixup"):
+        ImageNet100DataModule(tmp_path, batch_size=3, mixup=0.8)
+
+
 def test_cmc_classes_from_a_larger_folder(tmp_path: Path) -> None:
     root = tmp_path / "imagenet100"
     for split in ("train", "val"):
