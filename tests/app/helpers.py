@@ -30,8 +30,8 @@ GROUP_OPTIONS: dict[str, set[str]] = {
     "trainer": {"default", "cpu", "gpu", "ddp"},
     "logger": {"csv", "wandb", "many_loggers"},
     "experiment": {
-        f"{data}_{model}" for data in ("cifar100", "imagewoof10") for model in ("vgg", "convmixer", "cct", "swin")
-    },
+        f"{data}_{model}" for data in ("cifar100", "imagewoof10") for model in ("vgg", "convmixer", "cct", "swin", "gcvit", "repvit", "hdvt")
+    } | {"cora_gcn", "imagenet100_vit"},
     "hparams_search": {"singd", "ingd", "ikfac", "kfac", "adamw", "sgd"},
     "launcher": {"local", "slurm"},
     "scheduler": {"cosine", "constant", "multistep", "warmup_cosine"},
