@@ -293,7 +293,9 @@ class SINGDCallback(SINGDDiagnostics):
             for ``1 − lr_cov`` (default 0.95).
         damping_mode: KFAC only: ``"split"`` (√λ per factor, default) or
             ``"per_factor"`` (λ per factor).
-        factor_init: KFAC only: ``"statistics"`` (default) or ``"identity"``.
+        factor_init: The factors before their first update. KFAC:
+            ``"statistics"`` (default) or ``"identity"``; SINGD: ``"identity"``
+            (default, the paper), ``"scaled_identity"`` or ``"warm"``.
         fallback: First-order method for parameters outside ``nn.Linear``/
             ``nn.Conv1d``/``nn.Conv2d``: ``"adamw"`` (default), ``"sgd"`` or ``"none"``.
         fallback_lr: The fallback's learning rate (default: ``lr``).
@@ -305,6 +307,8 @@ class SINGDCallback(SINGDDiagnostics):
             this step, or before ``20·T`` with ``"auto"`` (default 0).
         update_clip: Spike guard of the layer updates: the largest update norm
             relative to its running RMS, or None for never (default 30).
+        kl_clip: KL clip κ of the preconditioned updates, or None for off
+            (default None).
         init_grad_scale: The loss scale expected in the first backward pass
             (default 1).
         grad_scaler: A ``torch.amp.GradScaler`` to un-scale the statistics with
@@ -347,6 +351,7 @@ class SINGDCallback(SINGDDiagnostics):
         fallback_weight_decay: float | None = 0.0,
         weight_decay_start: int | str | None = None,
         update_clip: float | None = UPDATE_CLIP,
+        kl_clip: float | None = None,
         init_grad_scale: float | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,

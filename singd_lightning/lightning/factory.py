@@ -8,6 +8,7 @@ also builds the first-order baselines by name.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Union
 
@@ -19,6 +20,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from singd_lightning.lightning.strategy import check_strategy
 from singd_lightning.optim import KroneckerOptimizer
 from singd_lightning.optim.factory import FIRST_ORDER_OPTIMIZERS, KRONECKER_OPTIMIZERS
+from singd_lightning.optim.schedules import apply_lr_cov_schedule
 
 OPTIMIZER_NAMES = (*KRONECKER_OPTIMIZERS, *FIRST_ORDER_OPTIMIZERS)
 
@@ -48,7 +50,9 @@ def build_optimizer(
             class the trainable parameters), or a :data:`ModelOptimizerCallable`
             (called with ``module``, e.g. what LightningCLI parses for
             ``--model.optimizer=singd_lightning.SINGD``).
-        **options: The optimizer's keyword arguments.
+        **options: The optimizer's keyword arguments; for a Kronecker optimizer
+            also ``lr_cov_schedule`` (None or ``"authors_warmup"``, see
+            :func:`~singd_lightning.optim.schedules.apply_lr_cov_schedule`).
 
     When ``module`` is a ``LightningModule`` attached to a ``Trainer`` (i.e. this is
     called from ``configure_optimizers``), a Kronecker optimizer gets the
@@ -75,6 +79,10 @@ def build_optimizer(
         trainer = attached_trainer(module)
         if trainer is not None:
             check_strategy(trainer.strategy)
+        # ``lr_cov_schedule`` (the app's config) becomes a picklable lr_cov schedule.
+        lr_cov = inspect.signature(cls.__init__).parameters.get("lr_cov")
+        default_lr_cov = lr_cov.default if lr_cov is not None and isinstance(lr_cov.default, float) else 1e-2
+        options = apply_lr_cov_schedule(options, default_lr_cov)
         optimizer = cls(module, **options)
         if trainer is not None:
             if options.get("grad_scaler") is None:

@@ -55,6 +55,21 @@ UPDATE_CLIP = 30.0
 UPDATE_NORM_DECAY = 0.95
 
 
+def kl_clip_scale(kl_clip: float, terms: list[Tensor]) -> Tensor:
+    """KFAC's KL clip: ``ν = min(1, sqrt(κ / |Σ_l lr_l² ⟨u_l, g_l⟩|))`` as a 0-dim
+    tensor (no host synchronisation), for the layers' ``terms``
+    ``lr_l² ⟨u_l, g_l⟩`` of preconditioned update ``u_l`` and gradient ``g_l``.
+
+    ``lr² ⟨u, g⟩ = lr² gᵀ P g`` is the squared length of the step ``lr · P g`` in
+    the metric ``P⁻¹`` (the Fisher the preconditioner approximates): twice the
+    KL divergence the step causes, to second order. Scaling every update by ν
+    bounds it by κ, whatever the preconditioner's growth.
+    """
+    total = torch.stack([t.reshape(()).to(terms[0].device) for t in terms]).sum().abs()
+    # 0/0 (no gradient at all) is no reason to scale: ν = 1 then.
+    return (kl_clip / total.clamp(min=torch.finfo(total.dtype).tiny)).sqrt().clamp(max=1.0)
+
+
 def _is_compiled(model: nn.Module) -> bool:
     """Whether ``model`` is a ``torch.compile`` wrapper (looked up only if compile
     was ever used: importing the compiler costs seconds)."""
@@ -151,6 +166,11 @@ class KroneckerOptimizer(Optimizer):
             more than ``update_clip`` times the running RMS of its recent norms is
             an outlier and is scaled down to that running RMS (None: never, the
             paper's update).
+        kl_clip: KL clip κ (as KFAC implementations use): every preconditioned
+            update of the layers that share this value is scaled by
+            ``ν = min(1, sqrt(κ / |Σ_l lr_l² ⟨u_l, g_l⟩|))``, so the step's
+            second-order KL divergence stays below κ however the preconditioner
+            grows; None: off (the paper's update). No host synchronisation.
         grad_scaler: A ``torch.amp.GradScaler`` used with this optimizer, so that
             the curvature statistics are un-scaled exactly (see
             :meth:`attach_grad_scaler`).
@@ -171,6 +191,7 @@ class KroneckerOptimizer(Optimizer):
         fallback_weight_decay: float | None = 0.0,
         weight_decay_start: int | str = 0,
         update_clip: float | None = UPDATE_CLIP,
+        kl_clip: float | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         init_grad_scale: float = 1.0,
     ) -> None:
@@ -188,6 +209,7 @@ class KroneckerOptimizer(Optimizer):
             fallback_weight_decay=fallback_weight_decay,
             weight_decay_start=weight_decay_start,
             update_clip=update_clip,
+            kl_clip=kl_clip,
             role="kronecker",
         )
         validate_kronecker_group(defaults)
@@ -655,17 +677,30 @@ class KroneckerOptimizer(Optimizer):
         ``clip_flags``. A layer's update uses its weight's group (preconditioner,
         ``update_clip``)."""
         updates: dict[int, Tensor] = {}
+        # Per kl_clip value: the layers' ⟨update, gradient⟩ terms and their updates.
+        kl_terms: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
         for layer in self.layers:
             if not any(id(p) in with_grad for p in layer.params):
                 continue
             # A missing weight (or bias) gradient counts as zero; only the
             # parameters that have a gradient are updated, as in torch.optim.
-            natural = self._precondition(layer, layer.gradient_matrix())
+            grad = layer.gradient_matrix()
+            natural = self._precondition(layer, grad)
             if layer.group["update_clip"] is not None:
                 natural = self._clip_update(layer, natural, layer.group["update_clip"], pending_avg, clip_flags)
             for p, d in zip(layer.params, layer.split(natural)):
                 if id(p) in with_grad:
                     updates[id(p)] = d
+            kl_clip = layer.group["kl_clip"]
+            if kl_clip is not None:
+                terms, scaled = kl_terms.setdefault(kl_clip, ([], []))
+                dtype = torch.promote_types(natural.dtype, torch.float32)
+                terms.append((natural.to(dtype) * grad.to(dtype)).sum() * layer.group["lr"] ** 2)
+                scaled += [updates[id(p)] for p in layer.params if id(p) in with_grad]
+        for kl_clip, (terms, scaled) in kl_terms.items():
+            scale = kl_clip_scale(kl_clip, terms)
+            for d in scaled:
+                d.mul_(scale.to(d.dtype))
         return updates
 
     def _clip_update(

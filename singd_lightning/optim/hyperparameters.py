@@ -127,3 +127,5 @@ def validate_kronecker_group(group: dict) -> None:
         raise ValueError(f"weight_decay_start must be an integer ≥ 0 or 'auto' (20·T), got {start!r}.")
     if group["update_clip"] is not None:
         check_range("update_clip", group["update_clip"], 1.0, low_inclusive=False)
+    if group.get("kl_clip") is not None:
+        check_range("kl_clip", group["kl_clip"], 0.0, low_inclusive=False)
