@@ -11,16 +11,25 @@ statistics and updates the factors (as every step does at ``T = 1``, whose
 configuration is always run too), ``T − 1`` steps only precondition, so it is
 ``((T − 1)·t_plain + t_1) / T`` with ``t_plain`` the median of the steps that
 collect nothing and ``t_1`` the step time at ``T = 1``. Peak
-memory of each configuration is measured in a fresh subprocess so that runs don't
-pollute each other: on CPU the resident high-water mark reached during the run
-beyond the memory held after the imports (with large blocks returned to the system
-as soon as they are freed), on CUDA ``torch.cuda.max_memory_allocated``.
+memory of each configuration is measured so that runs don't pollute each other:
+on CPU in a fresh subprocess, as the resident high-water mark reached during the
+run beyond the memory held after the imports (with large blocks returned to the
+system as soon as they are freed); on CUDA in this process, one configuration at
+a time after the timing, as ``torch.cuda.max_memory_allocated`` beyond what was
+allocated before it was built (the allocator counts live tensors exactly, and a
+throw-away run first allocates the cuBLAS/cuDNN workspaces that every
+configuration would otherwise pay for in turn). On CUDA every timed step starts
+and ends with ``torch.cuda.synchronize`` (kernels run asynchronously).
+
+Models: ``vgg`` (a small VGG), ``vgg16``, ``convmixer`` (ConvMixer-256/8), ``vit``
+(CCT-7/3x1, also ``cct``) and ``swin`` (Swin, 32 px): the paper's CIFAR-size
+models are ``vgg16 convmixer cct swin``.
 
 Examples::
 
     python scripts/benchmark.py                          # everything (long on CPU)
     python scripts/benchmark.py --models vgg --T 1 10 --json bench.json
-    python scripts/benchmark.py --device cuda --dtype bf16
+    python scripts/benchmark.py --device cuda --dtype bf16 --models vgg16 convmixer cct swin --batch-size 128
     python scripts/benchmark.py --models vgg --methods ours --compile   # torch.compile'd models
 
 With ``--compile`` every configuration's model is wrapped in ``torch.compile``
@@ -31,6 +40,7 @@ compilation happens in the ``--warmup`` steps, which must be at least 1.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -65,15 +75,23 @@ STRUCTURES = {
 OPTIONS = {"block_diagonal": {"block_size": 30}, "hierarchical": {"k1": 15, "k2": 15}}
 
 
+#: The benchmark models by name: all for 32×32 inputs and 100 classes.
+MODELS = {
+    "vgg": lambda: VGG([64, "M", 128, "M", 256, 256, "M", 512, "M"], num_classes=100),  # 2.2M parameters
+    "vgg16": lambda: create_model("vgg16", num_classes=100),  # VGG-16 with BatchNorm, 14.8M
+    "vit": lambda: create_model("cct_7_3x1_32", num_classes=100),  # CCT-7/3x1, ViT-like, 3.8M
+    "cct": lambda: create_model("cct_7_3x1_32", num_classes=100),
+    "convmixer": lambda: create_model("convmixer_256_8", num_classes=100),  # ConvMixer-256/8, 0.6M
+    "swin": lambda: create_model("swin_tiny_32", num_classes=100),  # Swin for 32 px, 7.1M
+    "tiny": lambda: create_model("convmixer_tiny", num_classes=100),  # smoke tests and dry runs
+}
+
+
 def build_model(name: str) -> nn.Module:
-    """The benchmark models, all for 32×32 inputs and 100 classes."""
-    if name == "vgg":  # a small VGG: 2.2M parameters
-        return VGG([64, "M", 128, "M", 256, 256, "M", 512, "M"], num_classes=100)
-    if name == "vit":  # CCT-7/3x1: a ViT-like transformer, 3.8M parameters
-        return create_model("cct_7_3x1_32", num_classes=100)
-    if name == "convmixer":  # ConvMixer-256/8, 0.6M parameters
-        return create_model("convmixer_256_8", num_classes=100)
-    raise ValueError(f"Unknown benchmark model {name!r}; valid: vgg, vit, convmixer.")
+    """The benchmark model ``name`` (a key of :data:`MODELS`)."""
+    if name not in MODELS:
+        raise ValueError(f"Unknown benchmark model {name!r}; valid: {', '.join(MODELS)}.")
+    return MODELS[name]()
 
 
 @dataclass
@@ -226,7 +244,10 @@ def amortize(results: list[Result]) -> None:
 
 
 def measure_peak(config: Config, steps: int) -> int:
-    """Peak memory of a short run of ``config`` in a fresh process (bytes)."""
+    """Peak memory of a short run of ``config`` (bytes): on CUDA in this process
+    (see :func:`cuda_peak`), on CPU in a fresh one."""
+    if config.device == "cuda":
+        return cuda_peak(config, steps)
     command = [sys.executable, __file__, "--peak-of", json.dumps(asdict(config)), "--steps", str(steps)]
     # A fixed mmap threshold makes glibc return every freed block of 128 KiB or more
     # at once, so the resident high-water mark tracks the memory the run holds
@@ -236,6 +257,28 @@ def measure_peak(config: Config, steps: int) -> int:
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr else "peak run failed")
     return int(out.stdout.strip().splitlines()[-1])
+
+
+_CUDA_WORKSPACES: set[str] = set()
+
+
+def cuda_peak(config: Config, steps: int) -> int:
+    """``torch.cuda.max_memory_allocated`` of a short run of ``config`` beyond what
+    was allocated before it started (bytes). Nothing of an earlier configuration
+    is alive by then; the library workspaces (cuBLAS, cuDNN) that stay allocated
+    after a first run are made by a throw-away run of the same model first."""
+    if config.model not in _CUDA_WORKSPACES:
+        run([config], steps=1, warmup=0)
+        _CUDA_WORKSPACES.add(config.model)
+    gc.collect()
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = run([config], steps=steps, warmup=1)[0]
+    if result.error:
+        raise RuntimeError(result.error)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - baseline
 
 
 def _proc_status_kib(field_name: str) -> int:
@@ -251,9 +294,7 @@ def _peak_main(config_json: str, steps: int) -> None:
     before it (imports excluded), in bytes."""
     config = Config(**json.loads(config_json))
     if config.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        run([config], steps=steps, warmup=1)
-        print(torch.cuda.max_memory_allocated())
+        print(cuda_peak(config, steps))
         return
     # Reset the resident high-water mark after the imports (Linux: clear_refs 5),
     # so the peak is the run's own: model, activations, optimizer state, temporaries.
@@ -316,7 +357,7 @@ def report(results: list[Result]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["vgg", "vit", "convmixer"])
+    parser.add_argument("--models", nargs="+", default=["vgg", "vit", "convmixer"], choices=list(MODELS))
     parser.add_argument("--structures", nargs="+", default=list(STRUCTURES), choices=list(STRUCTURES))
     parser.add_argument("--methods", nargs="+", default=["kfac", "reference", "ours"], choices=["kfac", "reference", "ours"])
     parser.add_argument("--T", nargs="+", type=int, default=[1, 10])
@@ -345,13 +386,17 @@ def main(argv: list[str] | None = None) -> None:
     for model in args.models:  # one interleaved group per model
         group = run([c for c in configs if c.model == model], args.steps, args.warmup)
         amortize(group)
+        peaks = {}
         for result in group:
+            c = result.config
             if not args.no_peak and not result.error:
+                # The first step collects at every T: a T > 1 run peaks as T = 1 does.
+                key = (c.method, c.structure)
                 try:
-                    result.peak_bytes = measure_peak(result.config, steps=2)
+                    result.peak_bytes = peaks.get(key) or measure_peak(result.config, steps=2)
+                    peaks[key] = result.peak_bytes
                 except RuntimeError as err:
                     result.error = f"peak: {err}"[:120]
-            c = result.config
             print(f"{c.model:10s} {c.method:9s} {c.structure:28s} T={c.T:<3d} "
                   f"{result.step_ms:9.1f} ms  state {result.state_bytes / 2**20:8.2f} MB  "
                   f"peak {result.peak_bytes / 2**20:8.0f} MB {result.error}", flush=True)

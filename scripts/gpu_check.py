@@ -1,0 +1,286 @@
+"""One prepared check of the CUDA path, for the few minutes a GPU is lent.
+
+Three stages, each in its own processes and time budget, everything written
+under one folder (``--out``)::
+
+    tests/       pytest -m cuda: every test that needs CUDA (16-mixed with
+                 Lightning's GradScaler, bf16-mixed/true, a CUDA checkpoint
+                 resume, host-device syncs per step, ...): junit.xml, pytest.log
+    train/       one short bf16 run per paper model (VGG-16, ConvMixer, CCT, Swin)
+                 through train.py on synthetic CIFAR-shaped data: <model>/results.json
+    benchmark/   scripts/benchmark.py --device cuda --dtype bf16 at batch 128 per
+                 model: AdamW, SGD, KFAC, the reference package and SINGD
+                 (diagonal, block-diagonal, hierarchical, Toeplitz) at T = 1 and
+                 10: <model>.json, <model>.log
+    summary.json, summary.md   what ran, what passed, the numbers and the targets
+
+Usage::
+
+    scripts/gpu_check.sh                       # on the GPU machine (< 8 min on an H100/H200)
+    scripts/gpu_check.sh --dry-run --out /tmp/x  # on CPU, tiny sizes: checks the plumbing
+
+It exits with 1 if a stage failed (the summary says which), 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The paper's CIFAR-size models: benchmark name → the app's model config.
+MODELS = {"vgg16": "vgg", "convmixer": "convmixer", "cct": "cct", "swin": "swin"}
+#: Their tiny stand-ins of the dry run (same families, seconds on a CPU).
+DRY_MODELS = {"convmixer": "convmixer_tiny"}
+STRUCTURES = ["diagonal", "block_diagonal", "hierarchical", "tril_toeplitz"]
+#: Issue targets on the GPU (bf16, T = 10): step time ×AdamW of these structures...
+TIME_TARGETS = {"hierarchical": 1.05, "diagonal": 1.05}
+#: ... and peak memory ×AdamW of the sparse structures.
+PEAK_TARGET = 1.0
+
+
+def _run(command: list[str], log: Path, timeout: float, env: dict[str, str] | None = None) -> dict:
+    """Run ``command`` in the repository root with its output in ``log``."""
+    start = time.perf_counter()
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    environment.update(env or {})
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(command) + "\n")
+        f.flush()
+        try:
+            rc = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=environment,
+                                timeout=max(timeout, 1.0), check=False).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    return {"command": command, "returncode": rc, "seconds": round(time.perf_counter() - start, 1), "log": str(log)}
+
+
+class Budget:
+    """A deadline ``seconds`` from now."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.perf_counter() + seconds
+
+    def take(self, seconds: float) -> float:
+        """``seconds``, or what is left if that is less."""
+        return min(seconds, self.end - time.perf_counter())
+
+    def stage(self, cap: float) -> Budget:
+        """A stage's own budget: at most ``cap`` seconds of what is left."""
+        return Budget(max(self.take(cap), 0.0))
+
+
+#: Most seconds each stage may take of the whole budget (the benchmark takes the rest).
+STAGE_CAPS = {"tests": 120.0, "train": 150.0, "benchmark": 10.0**9}
+
+
+def run_tests(out: Path, budget: Budget, dry_run: bool) -> dict:
+    """``pytest -m cuda``; on a dry run only one file (which skips without CUDA)."""
+    out.mkdir(parents=True, exist_ok=True)
+    junit = out / "junit.xml"
+    paths = ["tests/optim/test_syncs.py"] if dry_run else ["tests"]
+    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider",
+               f"--junitxml={junit}", *paths]
+    # Deterministic cuBLAS, should a test ask for deterministic algorithms.
+    result = _run(command, out / "pytest.log", budget.take(10**9), env={"CUBLAS_WORKSPACE_CONFIG": ":4096:8"})
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    failed = []
+    if junit.exists():
+        root = ET.parse(junit).getroot()
+        for suite in root.iter("testsuite"):
+            for key in counts:
+                counts[key] += int(suite.get(key, 0))
+        for case in root.iter("testcase"):
+            if case.find("failure") is not None or case.find("error") is not None:
+                failed.append(f"{case.get('classname')}::{case.get('name')}")
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    # Pytest exits 5 when every test was deselected: no CUDA test at all is a failure too.
+    ok = result["returncode"] == 0 and counts["tests"] > 0
+    return {**result, **counts, "failed": failed, "ok": ok}
+
+
+def run_training(out: Path, budget: Budget, dry_run: bool, epochs: int, steps_per_epoch: int) -> dict:
+    """One short bf16 run per paper model through ``train.py`` on synthetic data."""
+    out.mkdir(parents=True, exist_ok=True)
+    batch = 16 if dry_run else 128
+    runs = {}
+    models = DRY_MODELS if dry_run else MODELS
+    for index, (name, model) in enumerate(models.items()):
+        run_dir = out / name
+        command = [
+            sys.executable, "train.py", f"model={model}", "data=synthetic_cifar", "precision=bf16",
+            "optimizer=singd", "structure=hierarchical", f"trainer.max_epochs={epochs}",
+            f"data.batch_size={batch}", f"data.train_size={batch * steps_per_epoch}",
+            f"data.val_size={batch}", f"data.test_size={batch}", "eval_test_every_epoch=false",
+            f"trainer.accelerator={'cpu' if dry_run else 'gpu'}",
+            f"hydra.run.dir={run_dir}",
+        ]
+        # An equal share of what is left, so that a slow model cannot starve the rest.
+        share = budget.take(10**9) / (len(models) - index)
+        result = _run(command, out / f"{name}.log", share)
+        results_file = run_dir / "results.json"
+        results = json.loads(results_file.read_text()) if results_file.exists() else {}
+        keep = ("status", "error", "global_step", "final_train_loss", "best_val_acc", "test_acc",
+                "step_time_ms", "optimizer_step_ms", "peak_memory_mb", "memory_kind", "wall_time_s")
+        runs[name] = {**result, **{k: results.get(k) for k in keep}, "results": str(results_file)}
+        runs[name]["ok"] = result["returncode"] == 0 and results.get("status") == "ok"
+    return {"runs": runs, "ok": all(r["ok"] for r in runs.values())}
+
+
+def run_benchmark(out: Path, budget: Budget, dry_run: bool) -> dict:
+    """``scripts/benchmark.py`` per model (a killed model loses only its own rows)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if dry_run:
+        models = ["tiny"]
+        options = ["--device", "cpu", "--batch-size", "2", "--steps", "2", "--warmup", "0", "--T", "1", "2",
+                   "--structures", "diagonal", "--methods", "ours", "--no-peak"]
+    else:
+        models = list(MODELS)
+        options = ["--device", "cuda", "--batch-size", "128", "--steps", "8", "--warmup", "3", "--T", "1", "10",
+                   "--structures", *STRUCTURES, "--methods", "kfac", "reference", "ours"]
+    rows, per_model = [], {}
+    for index, model in enumerate(models):
+        json_file = out / f"{model}.json"
+        command = [sys.executable, "scripts/benchmark.py", "--models", model, "--dtype", "bf16", *options,
+                   "--json", str(json_file)]
+        share = budget.take(10**9) / (len(models) - index)
+        result = _run(command, out / f"{model}.log", share)
+        model_rows = json.loads(json_file.read_text()) if json_file.exists() else []
+        rows += model_rows
+        per_model[model] = {**result, "rows": len(model_rows), "ok": result["returncode"] == 0 and bool(model_rows)}
+    return {"models": per_model, "rows": rows, "targets": check_targets(rows),
+            "ok": all(m["ok"] for m in per_model.values())}
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    """The issue's GPU targets, met or not, per model (T = 10 rows of ours)."""
+    checks = []
+    adamw = {r["model"]: r for r in rows if r["method"] == "adamw" and not r["error"]}
+    for r in rows:
+        base = adamw.get(r["model"])
+        if r["method"] != "ours" or r["T"] != 10 or r["error"] or base is None:
+            continue
+        if r["structure"] in TIME_TARGETS:
+            ratio = r["step_ms"] / base["step_ms"]
+            checks.append({"model": r["model"], "structure": r["structure"], "what": "step time ×AdamW",
+                           "value": round(ratio, 3), "target": TIME_TARGETS[r["structure"]],
+                           "met": ratio <= TIME_TARGETS[r["structure"]]})
+        if r["structure"] != "dense" and r["peak_bytes"] and base["peak_bytes"]:
+            ratio = r["peak_bytes"] / base["peak_bytes"]
+            checks.append({"model": r["model"], "structure": r["structure"], "what": "peak memory ×AdamW",
+                           "value": round(ratio, 3), "target": PEAK_TARGET, "met": ratio <= PEAK_TARGET})
+    return checks
+
+
+def markdown(summary: dict) -> str:
+    """The human-readable summary."""
+    lines = [f"# GPU check · {summary['device']} · torch {summary['torch']} · {summary['started']}",
+             "", f"{'Dry run (CPU, tiny sizes): no GPU numbers. ' if summary['dry_run'] else ''}"
+             f"Wall time {summary['seconds']:.0f} s. Overall: {'ok' if summary['ok'] else 'FAILED'}.", ""]
+    tests = summary["stages"].get("tests")
+    if tests:
+        lines += ["## CUDA tests (`pytest -m cuda`)", "",
+                  f"{tests['passed']} passed, {tests['failures'] + tests['errors']} failed, {tests['skipped']} skipped "
+                  f"({tests['seconds']} s, exit {tests['returncode']}); log: `{tests['log']}`", ""]
+        lines += [f"- failed: `{name}`" for name in tests["failed"]] + ([""] if tests["failed"] else [])
+    train = summary["stages"].get("train")
+    if train:
+        lines += ["## Training runs (train.py, synthetic CIFAR-shaped data, bf16, SINGD hierarchical)", "",
+                  "| model | status | steps | final train loss | best val acc | step ms | optimizer step ms | peak MB | s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, r in train["runs"].items():
+            status = r["status"] or f"exit {r['returncode']}"
+            lines.append(f"| {name} | {status} | {r['global_step']} | {_fmt(r['final_train_loss'])} "
+                         f"| {_fmt(r['best_val_acc'])} | {_fmt(r['step_time_ms'], 1)} | {_fmt(r['optimizer_step_ms'], 1)} "
+                         f"| {_fmt(r['peak_memory_mb'], 0)} | {r['seconds']} |")
+        lines.append("")
+    bench = summary["stages"].get("benchmark")
+    if bench:
+        lines += ["## Step time and peak memory (benchmark.py, bf16 autocast, ratios in one process)", "",
+                  "| model | method | structure | T | step ms | ×AdamW | peak MB | peak ×AdamW |", "|---|---|---|---|---|---|---|---|"]
+        adamw = {r["model"]: r for r in bench["rows"] if r["method"] == "adamw" and not r["error"]}
+        for r in bench["rows"]:
+            base = adamw.get(r["model"])
+            if r["error"]:
+                lines.append(f"| {r['model']} | {r['method']} | {r['structure'] or '—'} | {r['T']} | failed: {r['error']} ||||")
+                continue
+            lines.append(
+                f"| {r['model']} | {r['method']} | {r['structure'] or '—'} | {r['T']} | {r['step_ms']:.1f} "
+                f"| {_ratio(r['step_ms'], base and base['step_ms'])} | {r['peak_bytes'] / 2**20:.0f} "
+                f"| {_ratio(r['peak_bytes'], base and base['peak_bytes'])} |")
+        missing = [m for m, v in bench["models"].items() if not v["ok"]]
+        lines += [""] + ([f"Models without results: {', '.join(missing)} (see their logs)."] if missing else [])
+        if bench["targets"]:
+            lines += ["", "### Targets (T = 10)", "", "| model | structure | what | value | target | met |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {c['model']} | {c['structure']} | {c['what']} | {c['value']:.2f} | ≤ {c['target']} "
+                      f"| {'yes' if c['met'] else 'no'} |" for c in bench["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(value: float, base: float | None) -> str:
+    return f"{value / base:.2f}" if base else "—"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / f"gpu_check-{stamp}",
+                        help="output folder (default: results/gpu_check-<UTC time>)")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: check the plumbing, no numbers")
+    parser.add_argument("--stages", nargs="+", default=["tests", "train", "benchmark"],
+                        choices=["tests", "train", "benchmark"], help="stages to run, in this order")
+    parser.add_argument("--budget", type=float, default=450.0, help="seconds for all stages together")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of each training run")
+    parser.add_argument("--steps-per-epoch", type=int, default=100, help="training steps per epoch")
+    args = parser.parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.error("no CUDA device is visible; on a CPU use --dry-run")
+    if args.budget <= 0 or args.epochs < 1 or args.steps_per_epoch < 1:
+        parser.error("--budget must be > 0, --epochs and --steps-per-epoch >= 1")
+    if args.dry_run:
+        args.epochs, args.steps_per_epoch = 1, 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    start, budget = time.perf_counter(), Budget(args.budget)
+    summary = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.dry_run else "cpu",
+        "host": platform.node(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dry_run": args.dry_run, "out": str(args.out), "stages": {},
+    }
+    for stage in args.stages:
+        print(f"[gpu_check] {stage} ...", flush=True)
+        share = budget.stage(STAGE_CAPS[stage])
+        if stage == "tests":
+            summary["stages"]["tests"] = run_tests(args.out / "tests", share, args.dry_run)
+        elif stage == "train":
+            summary["stages"]["train"] = run_training(args.out / "train", share, args.dry_run, args.epochs,
+                                                      args.steps_per_epoch)
+        else:
+            summary["stages"]["benchmark"] = run_benchmark(args.out / "benchmark", share, args.dry_run)
+        print(f"[gpu_check] {stage}: {'ok' if summary['stages'][stage]['ok'] else 'FAILED'}", flush=True)
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    summary["ok"] = all(s["ok"] for s in summary["stages"].values())
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (args.out / "summary.md").write_text(markdown(summary))
+    print(markdown(summary))
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
