@@ -43,7 +43,7 @@ def test_registry_and_attributes() -> None:
     assert isinstance(dm, DigitsDataModule)
     assert (dm.num_classes, dm.in_chans, dm.image_size) == (10, 3, 32)
     assert create_datamodule("imagewoof", image_size=160).image_size == 160
-    with pytest.raises(ValueError, match="Valid names: cifar100, digits, imagewoof"):
+    with pytest.raises(ValueError, match="Valid names: cifar100, cora, digits, imagenet100, imagewoof"):
         create_datamodule("mnist")
 
 
