@@ -163,5 +163,7 @@ def test_cuda_syncs_per_step_do_not_grow_with_layers(optimizer):
                 torch.cuda.set_sync_debug_mode(previous)
         return sum("synchronizing" in str(w.message) for w in caught)
 
+    # The shim's reads plus the host-to-device copies the device counts too (a
+    # list of bounds), still a constant.
     shallow, deep = count(1), count(5)
-    assert shallow == deep and shallow <= 6
+    assert shallow == deep and shallow <= 8
