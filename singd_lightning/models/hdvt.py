@@ -241,7 +241,9 @@ class HDVT(nn.Module):
         drop_path_rate: float = 0.1,
     ) -> None:
         if patch_size not in (2, 4, 8, 16):
-            raise ValueError(f"patch_size must be one of 2, 4, 8, 16 (a stack of stride-2 convolutions), got {patch_size!r}.")
+            raise ValueError(
+                f"patch_size must be one of 2, 4, 8, 16 (a stack of stride-2 convolutions), got {patch_size!r}."
+            )
         for name, value in (("num_classes", num_classes), ("in_chans", in_chans), ("embed_dim", embed_dim),
                             ("depth", depth), ("num_heads", num_heads), ("img_size", img_size)):  # fmt: skip
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
