@@ -3,6 +3,7 @@
     python experiments/run.py --suite smoke --out results/smoke          # CPU, minutes
     python experiments/run.py --suite cifar100 --out results/cifar100    # GPU, paper budget
     python experiments/run.py --suite imagewoof10 --out results/woof --models vgg cct
+    python experiments/run.py --suite converge --out results/converge    # tuned, steps to target (converge.py)
 
 Every job is a separate ``python train.py <overrides> hydra.run.dir=OUT/runs/<job>``
 process, so a crash cannot take the suite down. Afterwards ``OUT`` holds:
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -35,6 +37,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import converge  # noqa: E402 - the converge suite, next to this file
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
@@ -181,7 +186,7 @@ def paper_jobs(data: str, models: Sequence[str], structures: Sequence[str], prec
     return jobs
 
 
-SUITES = ("smoke", "cifar100", "imagewoof10")
+SUITES = ("smoke", "cifar100", "imagewoof10", "converge")
 
 
 def suite_jobs(args: argparse.Namespace) -> list[Job]:
@@ -539,6 +544,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wandb", metavar="PROJECT", default=None,
                         help="also log the report (table, plots, files) to this W&B project; offline without "
                              "W&B credentials (default: no W&B)")  # fmt: skip
+    converge_args = parser.add_argument_group("converge suite (see experiments/converge.py)")
+    converge_args.add_argument("--quick", action="store_true",
+                               help=f"a minutes-sized run: {', '.join(converge.QUICK.workloads)}, "
+                                    f"{' and '.join(converge.QUICK.methods)}, {converge.QUICK.trials} trials of "
+                                    f"{converge.QUICK.epochs} epoch, {converge.QUICK.seeds} seeds")
+    converge_args.add_argument("--workloads", nargs="+", choices=[w.name for w in converge.WORKLOADS],
+                               help="only these workloads (default: all whose configs exist)")
+    converge_args.add_argument("--methods", nargs="+", choices=[m.label for m in converge.METHODS],
+                               help="only these methods (default: all whose options exist)")
+    converge_args.add_argument("--trials", type=int, default=None,
+                               help=f"search trials per method (default: {converge.FULL.trials}, --quick "
+                                    f"{converge.QUICK.trials})")
+    converge_args.add_argument("--jobs", type=int, default=2,
+                               help="(workload, method) pairs run side by side, one thread each (default: %(default)s)")
+    converge_args.add_argument("--write-tuned", action="store_true",
+                               help="also write the best settings into the app's conf/tuned (default: only OUT/tuned)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from OUT/results.csv")
     return parser.parse_args(argv)
@@ -553,9 +574,35 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def converge_budget(args: argparse.Namespace) -> converge.Budget:
+    """The converge suite's budget from the command line.
+
+    Raises:
+        ValueError: ``--trials`` below 1.
+    """
+    budget = converge.QUICK if args.quick else converge.FULL
+    if args.trials is not None:
+        if args.trials < 1:
+            raise ValueError(f"--trials must be >= 1, got {args.trials}.")
+        budget = dataclasses.replace(budget, trials=args.trials)
+    if args.workloads:
+        budget = dataclasses.replace(budget, workloads=tuple(args.workloads))
+    if args.methods:
+        budget = dataclasses.replace(budget, methods=tuple(args.methods))
+    return budget
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out: Path = args.out.resolve()
+    if args.suite == "converge":
+        if args.report_only:
+            raise SystemExit("Error: --report-only is for the grid suites; the converge suite rewrites its "
+                             "report after every (workload, method).")  # fmt: skip
+        tuned = converge.config_dir() / "tuned" if args.write_tuned else None
+        return converge.run_suite(converge_budget(args), out, jobs=args.jobs, python=args.python,
+                                  timeout=args.timeout, extra=args.override, write_tuned_into=tuned,
+                                  dry_run=args.dry_run, colors=OPTIMIZER_COLORS)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         rows = _read_rows(out / "results.csv")
