@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from singd_lightning.app.pipeline import build_module
 from singd_lightning.lightning.schedulers import WarmupCosineLR
 from singd_lightning.optim import IKFAC, INGD, KFAC, SINGD
+from singd_lightning.optim.schedules import LrCovWarmup
 from tests.app.helpers import compose_cfg
 
 #: The experiments of this recipe: per model family its schedule and augmentation.
@@ -44,6 +45,7 @@ def test_paper_experiment_recipe(experiment: str, tmp_path: Path) -> None:
     assert isinstance(optimizer, KFAC)
     assert (group["damping_mode"], group["stat_decay"], group["factor_init"]) == ("per_factor", None, "identity")
     assert (group["weight_decay_start"], group["fallback_weight_decay"]) == ("auto", None)
+    assert group["lr_cov"] == LrCovWarmup(1e-2)  # the β₁ warm-up, through stat_decay = 1 − lr_cov
     datamodule = hydra.utils.instantiate(cfg.data)
     augmentation = datamodule.augmentation
     if family == "cnn":
@@ -79,6 +81,7 @@ def test_recipe_changes_only_the_kronecker_methods(name: str, cls: type) -> None
     else:
         group = optimizer.param_groups[0]
         assert (group["weight_decay_start"], group["fallback_weight_decay"]) == ("auto", None)
+        assert group["lr_cov"] == LrCovWarmup(cfg.optimizer.lr_cov)
 
 
 def test_recipe_none_keeps_todays_defaults_and_overrides_win() -> None:
