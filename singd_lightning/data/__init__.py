@@ -14,6 +14,7 @@ module: ``seq_len`` instead). Build one by name with :func:`create_datamodule`::
 | ``synthetic`` | class patterns plus noise (generated offline) | 100 | 32 px | no |
 | ``cora`` | Cora citation graph, Planetoid split (full batch) | 7 | 2708 nodes, 1433 features | ``planetoid/ind.cora.*`` |
 | ``imagenet100`` | ImageNet-100 (CMC classes) or any ImageFolder | from the folders | 224 px (configurable) | ``imagenet100/{train,val}`` |
+| ``text`` | Python's help texts (``pydoc_data``), next-byte prediction | 256 (bytes) | ``block_size`` bytes | no |
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from singd_lightning.data.imagenet100 import ImageNet100DataModule
 from singd_lightning.data.imagewoof import ImageWoofDataModule
 from singd_lightning.data.mnist1d import MNIST1DDataModule
 from singd_lightning.data.synthetic import SyntheticDataModule
+from singd_lightning.data.text import TextDataModule
 
 #: Data module classes by name.
 DATAMODULES: dict[str, type[ImageClassificationDataModule]] = {
@@ -36,6 +38,7 @@ DATAMODULES: dict[str, type[ImageClassificationDataModule]] = {
     "synthetic": SyntheticDataModule,
     "cora": CoraDataModule,
     "imagenet100": ImageNet100DataModule,
+    "text": TextDataModule,
 }
 
 
@@ -69,5 +72,6 @@ __all__ = [
     "ImageWoofDataModule",
     "MNIST1DDataModule",
     "SyntheticDataModule",
+    "TextDataModule",
     "create_datamodule",
 ]
