@@ -8,6 +8,9 @@ under one folder (``--out``)::
                  resume, host-device syncs per step, ...): junit.xml, pytest.log
     train/       one short bf16 run per paper model (VGG-16, ConvMixer, CCT, Swin)
                  through train.py on synthetic CIFAR-shaped data: <model>/results.json
+    toeplitz.json  the Toeplitz FFT-versus-dense cost constant measured on the
+                 device (matmul of d × d factors with 8192 columns both ways), next
+                 to the one the cost model assumes
     benchmark/   scripts/benchmark.py --device cuda --dtype bf16 at batch 128 per
                  model: AdamW, SGD, KFAC, the reference package and SINGD
                  (diagonal, block-diagonal, hierarchical, Toeplitz) at T = 1 and
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -38,6 +42,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# This checkout's package, installed or not (its subprocesses get it by PYTHONPATH).
+sys.path.insert(0, str(ROOT))
 
 #: The paper's CIFAR-size models: benchmark name → the app's model config.
 MODELS = {"vgg16": "vgg", "convmixer": "convmixer", "cct": "cct", "swin": "swin"}
@@ -82,7 +88,8 @@ class Budget:
 
 
 #: Most seconds each stage may take of the whole budget (the benchmark takes the rest).
-STAGE_CAPS = {"tests": 120.0, "train": 150.0, "benchmark": 10.0**9}
+STAGE_CAPS = {"tests": 120.0, "train": 150.0, "toeplitz": 30.0, "benchmark": 10.0**9}
+STAGES = list(STAGE_CAPS)
 
 
 def run_tests(out: Path, budget: Budget, dry_run: bool) -> dict:
@@ -163,6 +170,59 @@ def run_benchmark(out: Path, budget: Budget, dry_run: bool) -> dict:
             "ok": all(m["ok"] for m in per_model.values())}
 
 
+def calibrate_toeplitz(out: Path, budget: Budget, dry_run: bool) -> dict:
+    """Time Toeplitz products by the FFT and the dense route on this device and
+    turn the ratio into the cost model's constant (multiply-adds of a float32
+    matrix product per N·log2(N) of one transform): the route is the dense one
+    when ``d² ≤ constant · 2 · N·log2(N)``. On CUDA with and without TF32."""
+    from singd_lightning.structures import toeplitz
+
+    device = "cpu" if dry_run else "cuda"
+    dims, columns, repeats = ((64, 256), 256, 2) if dry_run else ((576, 1152, 2304, 4608), 8192, 5)
+    names = ("FFT_COST", "CUDA_FFT_COST", "CUDA_FFT_COST_TF32")
+    saved = {name: getattr(toeplitz, name) for name in names}
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32
+    rows = []
+    try:
+        for tf32 in (False, True) if device == "cuda" else (False,):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            if device == "cuda":
+                assumed = saved["CUDA_FFT_COST_TF32" if tf32 else "CUDA_FFT_COST"]
+            else:
+                assumed = saved["FFT_COST"]
+            for d in dims:
+                if budget.take(10**9) <= 0:
+                    break
+                structure = toeplitz.TrilToeplitz(d)
+                t = torch.randn(d, device=device) / d**0.5
+                x = torch.randn(d, columns, device=device)
+                times = {}
+                for route, constant in (("fft", 0.0), ("dense", 1e30)):
+                    for name in names:
+                        setattr(toeplitz, name, constant)
+                    samples = []
+                    for _ in range(repeats + 1):  # the first one warms up
+                        if device == "cuda":
+                            torch.cuda.synchronize()
+                        start = time.perf_counter()
+                        structure.matmul(t, x)
+                        if device == "cuda":
+                            torch.cuda.synchronize()
+                        samples.append(time.perf_counter() - start)
+                    times[route] = sorted(samples[1:])[len(samples[1:]) // 2]
+                n_fft = toeplitz._fft_len(d)
+                measured = times["fft"] / times["dense"] * d * d / (2 * n_fft * math.log2(n_fft))
+                rows.append({"d": d, "columns": columns, "tf32": tf32, "fft_ms": round(1e3 * times["fft"], 3),
+                             "dense_ms": round(1e3 * times["dense"], 3), "measured_constant": round(measured, 1),
+                             "assumed_constant": assumed})
+    finally:
+        for name, value in saved.items():
+            setattr(toeplitz, name, value)
+        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
+    (out / "toeplitz.json").write_text(json.dumps(rows, indent=1))
+    return {"rows": rows, "ok": len(rows) > 0}
+
+
 def check_targets(rows: list[dict]) -> list[dict]:
     """The issue's GPU targets, met or not, per model (T = 10 rows of ours)."""
     checks = []
@@ -188,13 +248,16 @@ def markdown(summary: dict) -> str:
     lines = [f"# GPU check · {summary['device']} · torch {summary['torch']} · {summary['started']}",
              "", f"{'Dry run (CPU, tiny sizes): no GPU numbers. ' if summary['dry_run'] else ''}"
              f"Wall time {summary['seconds']:.0f} s. Overall: {'ok' if summary['ok'] else 'FAILED'}.", ""]
-    tests = summary["stages"].get("tests")
+    stages = {name: stage for name, stage in summary["stages"].items() if "error" not in stage}
+    lines += [f"Stage {name} broke: {stage['error']}" for name, stage in summary["stages"].items() if "error" in stage]
+    lines += [""] if len(stages) < len(summary["stages"]) else []
+    tests = stages.get("tests")
     if tests:
         lines += ["## CUDA tests (`pytest -m cuda`)", "",
                   f"{tests['passed']} passed, {tests['failures'] + tests['errors']} failed, {tests['skipped']} skipped "
                   f"({tests['seconds']} s, exit {tests['returncode']}); log: `{tests['log']}`", ""]
         lines += [f"- failed: `{name}`" for name in tests["failed"]] + ([""] if tests["failed"] else [])
-    train = summary["stages"].get("train")
+    train = stages.get("train")
     if train:
         lines += ["## Training runs (train.py, synthetic CIFAR-shaped data, bf16, SINGD hierarchical)", "",
                   "| model | status | steps | final train loss | best val acc | step ms | optimizer step ms | peak MB | s |",
@@ -205,7 +268,14 @@ def markdown(summary: dict) -> str:
                          f"| {_fmt(r['best_val_acc'])} | {_fmt(r['step_time_ms'], 1)} | {_fmt(r['optimizer_step_ms'], 1)} "
                          f"| {_fmt(r['peak_memory_mb'], 0)} | {r['seconds']} |")
         lines.append("")
-    bench = summary["stages"].get("benchmark")
+    calibration = stages.get("toeplitz")
+    if calibration:
+        lines += ["## Toeplitz cost constant (FFT route vs dense route, `structures/toeplitz.py`)", "",
+                  "| d | TF32 | FFT ms | dense ms | measured constant | assumed |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['d']} | {'on' if r['tf32'] else 'off'} | {r['fft_ms']} | {r['dense_ms']} "
+                  f"| {r['measured_constant']} | {r['assumed_constant']:g} |" for r in calibration["rows"]]
+        lines.append("")
+    bench = stages.get("benchmark")
     if bench:
         lines += ["## Step time and peak memory (benchmark.py, bf16 autocast, ratios in one process)", "",
                   "| model | method | structure | T | step ms | ×AdamW | peak MB | peak ×AdamW |", "|---|---|---|---|---|---|---|---|"]
@@ -243,8 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / f"gpu_check-{stamp}",
                         help="output folder (default: results/gpu_check-<UTC time>)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: check the plumbing, no numbers")
-    parser.add_argument("--stages", nargs="+", default=["tests", "train", "benchmark"],
-                        choices=["tests", "train", "benchmark"], help="stages to run, in this order")
+    parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES, help="stages to run, in this order")
     parser.add_argument("--budget", type=float, default=450.0, help="seconds for all stages together")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each training run")
     parser.add_argument("--steps-per-epoch", type=int, default=100, help="training steps per epoch")
@@ -266,13 +335,18 @@ def main(argv: list[str] | None = None) -> int:
     for stage in args.stages:
         print(f"[gpu_check] {stage} ...", flush=True)
         share = budget.stage(STAGE_CAPS[stage])
-        if stage == "tests":
-            summary["stages"]["tests"] = run_tests(args.out / "tests", share, args.dry_run)
-        elif stage == "train":
-            summary["stages"]["train"] = run_training(args.out / "train", share, args.dry_run, args.epochs,
-                                                      args.steps_per_epoch)
-        else:
-            summary["stages"]["benchmark"] = run_benchmark(args.out / "benchmark", share, args.dry_run)
+        try:
+            if stage == "tests":
+                summary["stages"]["tests"] = run_tests(args.out / "tests", share, args.dry_run)
+            elif stage == "toeplitz":
+                summary["stages"]["toeplitz"] = calibrate_toeplitz(args.out, share, args.dry_run)
+            elif stage == "train":
+                summary["stages"]["train"] = run_training(args.out / "train", share, args.dry_run, args.epochs,
+                                                          args.steps_per_epoch)
+            else:
+                summary["stages"]["benchmark"] = run_benchmark(args.out / "benchmark", share, args.dry_run)
+        except Exception as err:  # one broken stage must not cost the others' results
+            summary["stages"][stage] = {"ok": False, "error": f"{type(err).__name__}: {err}"}
         print(f"[gpu_check] {stage}: {'ok' if summary['stages'][stage]['ok'] else 'FAILED'}", flush=True)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["ok"] = all(s["ok"] for s in summary["stages"].values())

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from singd_lightning.structures import toeplitz
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 try:
@@ -34,7 +36,7 @@ def test_dry_run_writes_every_stage(dry_run):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] and summary["ok"]
-    assert list(summary["stages"]) == ["tests", "train", "benchmark"]
+    assert list(summary["stages"]) == ["tests", "train", "toeplitz", "benchmark"]
     tests = summary["stages"]["tests"]
     assert tests["tests"] >= 1 and tests["failures"] == tests["errors"] == 0
     assert (out / "tests" / "junit.xml").exists()
@@ -44,8 +46,11 @@ def test_dry_run_writes_every_stage(dry_run):
     rows = json.loads((out / "benchmark" / "tiny.json").read_text())
     assert {(r["method"], r["T"]) for r in rows} >= {("adamw", 1), ("ours", 1), ("ours", 2)}
     assert all(r["error"] == "" for r in rows)
+    calibration = json.loads((out / "toeplitz.json").read_text())
+    assert [r["d"] for r in calibration] == [64, 256]
+    assert all(r["measured_constant"] > 0 and r["assumed_constant"] == toeplitz.FFT_COST for r in calibration)
     text = (out / "summary.md").read_text()
-    for heading in ("## CUDA tests", "## Training runs", "## Step time and peak memory"):
+    for heading in ("## CUDA tests", "## Training runs", "## Toeplitz cost constant", "## Step time and peak memory"):
         assert heading in text
     assert "| convmixer | ok | 2 |" in text
 
@@ -78,3 +83,15 @@ def test_without_a_gpu_only_the_dry_run_is_accepted(capsys):
     with pytest.raises(SystemExit):
         gpu_check.main(["--out", "unused"])
     assert "no CUDA device is visible; on a CPU use --dry-run" in capsys.readouterr().err
+
+
+def test_a_broken_stage_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(gpu_check, "run_tests", broken)
+    assert gpu_check.main(["--dry-run", "--stages", "tests", "toeplitz", "--out", str(tmp_path)]) == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stages"]["tests"] == {"ok": False, "error": "RuntimeError: boom"}
+    assert summary["stages"]["toeplitz"]["ok"] and not summary["ok"]
+    assert "Stage tests broke: RuntimeError: boom" in (tmp_path / "summary.md").read_text()
