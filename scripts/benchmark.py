@@ -386,6 +386,8 @@ def main(argv: list[str] | None = None) -> None:
     for model in args.models:  # one interleaved group per model
         group = run([c for c in configs if c.model == model], args.steps, args.warmup)
         amortize(group)
+        # Written before the peaks too: a run stopped during them keeps its times.
+        _write_json(args.json, results + group)
         peaks = {}
         for result in group:
             c = result.config
@@ -401,10 +403,15 @@ def main(argv: list[str] | None = None) -> None:
                   f"{result.step_ms:9.1f} ms  state {result.state_bytes / 2**20:8.2f} MB  "
                   f"peak {result.peak_bytes / 2**20:8.0f} MB {result.error}", flush=True)
         results += group
+        _write_json(args.json, results)
     print()
     print(report(results))
-    if args.json:
-        with open(args.json, "w") as f:
+
+
+def _write_json(path: str | None, results: list[Result]) -> None:
+    """All results so far, one flat record each (nothing without ``--json``)."""
+    if path:
+        with open(path, "w") as f:
             json.dump([{**asdict(r.config), **{k: v for k, v in asdict(r).items() if k != "config"}} for r in results], f, indent=1)
 
 

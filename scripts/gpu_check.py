@@ -88,7 +88,7 @@ class Budget:
 
 
 #: Most seconds each stage may take of the whole budget (the benchmark takes the rest).
-STAGE_CAPS = {"tests": 120.0, "train": 150.0, "toeplitz": 30.0, "benchmark": 10.0**9}
+STAGE_CAPS = {"tests": 100.0, "train": 130.0, "toeplitz": 20.0, "benchmark": 10.0**9}
 STAGES = list(STAGE_CAPS)
 
 

@@ -95,3 +95,22 @@ def test_a_broken_stage_is_reported_and_the_others_still_run(tmp_path, monkeypat
     assert summary["stages"]["tests"] == {"ok": False, "error": "RuntimeError: boom"}
     assert summary["stages"]["toeplitz"]["ok"] and not summary["ok"]
     assert "Stage tests broke: RuntimeError: boom" in (tmp_path / "summary.md").read_text()
+
+
+def test_benchmark_times_survive_a_run_stopped_during_the_peaks(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import benchmark
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "bench.json"
+
+    def stopped(config, steps):
+        raise KeyboardInterrupt  # as a timeout's kill would, mid-peaks
+
+    monkeypatch.setattr(benchmark, "measure_peak", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main(["--models", "tiny", "--structures", "diagonal", "--methods", "ours", "--T", "1",
+                        "--batch-size", "2", "--steps", "1", "--warmup", "0", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert {r["method"] for r in rows} == {"adamw", "sgd", "ours"} and all(r["step_ms"] > 0 for r in rows)
