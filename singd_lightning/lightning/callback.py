@@ -284,6 +284,10 @@ class SINGDCallback(SINGDDiagnostics):
         structures: SINGD only: the ``(K's, C's)`` structure, or one for both:
             names such as ``"diagonal"``, ``"hierarchical"``, or mappings such as
             ``{"name": "block_diagonal", "block_size": 32}`` (default dense).
+        layer_structures: SINGD only: structures per layer kind (``"Linear"``,
+            ``"Conv1d"``, ``"Conv2d"``, ``"Embedding"``) over ``structures``, e.g.
+            ``{"Embedding": ["diagonal", "dense"]}`` (default: an embedding's K
+            diagonal).
         kfac_like: SINGD only: drop the trace scaling and Riemannian momentum
             (default False; IKFAC is always KFAC-like).
         normalize_lr_cov: SINGD only: normalised factor steps (default False).
@@ -338,6 +342,8 @@ class SINGDCallback(SINGDDiagnostics):
         alpha1: float | None = None,
         lr_cov: float | Callable[[int], float] | None = None,
         structures: StructureOption | tuple[StructureOption, StructureOption] | None = None,
+        layer_structures: dict[str, StructureOption | tuple[StructureOption | None, StructureOption | None] | None]
+        | None = None,
         kfac_like: bool | None = None,
         normalize_lr_cov: bool | None = None,
         max_factor_step: float | None = MAX_FACTOR_STEP,

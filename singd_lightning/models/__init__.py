@@ -33,6 +33,7 @@ Parameter counts are for the number of classes in brackets.
 | ``gcn`` | GCN, 2 layers, 16 hidden | a graph's nodes (``data=cora``) | 23k (7) |
 | ``mlp`` | MLP 40-256-256 | 1-D sequences, length ``seq_len`` | 78k (10) |
 | ``cnn1d`` | Conv1d 32-64-64, k5, global pool | 1-D sequences, any length | 32k (10) |
+| ``gpt`` | GPT decoder, 4 blocks of width 128 | token ids, length ≤ ``seq_len`` | 0.83M (256) |
 
 Any timm model: :func:`create_timm_model` (``create_timm_model("resnet18",
 num_classes=10)``; the app's ``model=timm model.name=...``).
@@ -54,6 +55,7 @@ from singd_lightning.models.convmixer import (
 )
 from singd_lightning.models.gcn import GCN, gcn
 from singd_lightning.models.gcvit import gcvit_nano, gcvit_xxtiny_32, gcvit_xxtiny_128
+from singd_lightning.models.gpt import GPT, gpt
 from singd_lightning.models.hdvt import HDVT, hdvt_nano, hdvt_small_32, hdvt_tiny_32, hdvt_tiny_128
 from singd_lightning.models.mlp import MLP, mlp
 from singd_lightning.models.repvit import repvit_m0_9, repvit_nano
@@ -97,6 +99,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "gcn": gcn,
     "mlp": mlp,
     "cnn1d": cnn1d,
+    "gpt": gpt,
 }
 
 #: Names of the models whose input is a 1-D sequence ``(N, in_chans, seq_len)``; the
@@ -105,6 +108,9 @@ SEQUENCE_MODELS: frozenset[str] = frozenset({"mlp", "cnn1d"})
 #: Names of the models whose input is a whole graph ``(features, adjacency)`` and whose
 #: output is one row of logits per node (``data=cora``).
 GRAPH_MODELS: frozenset[str] = frozenset({"gcn"})
+#: Names of the models whose input is token ids ``(N, S)`` and whose output is
+#: next-token logits ``(N, S, num_classes)`` (``data=text``).
+TOKEN_MODELS: frozenset[str] = frozenset({"gpt"})
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs) -> nn.Module:
@@ -138,11 +144,13 @@ __all__ = [
     "CCT",
     "CNN1d",
     "GCN",
+    "GPT",
     "GRAPH_MODELS",
     "HDVT",
     "MLP",
     "MODELS",
     "SEQUENCE_MODELS",
+    "TOKEN_MODELS",
     "VGG",
     "ConvMixer",
     "SwinTransformer",

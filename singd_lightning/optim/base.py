@@ -23,10 +23,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from singd_lightning.optim.curvature import (
-    SUPPORTED_MODULES,
     CurvatureCollector,
     KroneckerLayer,
     Rows,
+    kronecker_modules,
+    make_layer,
 )
 from singd_lightning.optim.checkpoint import CALLABLE_PLACEHOLDER, checked_state_dict
 from singd_lightning.optim.fallback import FALLBACK_STEPS, momentum_step
@@ -278,11 +279,12 @@ class KroneckerOptimizer(Optimizer):
         names = {id(p): n for n, p in model.named_parameters()}
         weight_of_bias: dict[int, int] = {}
         weights: set[int] = set()
-        for module in model.modules():
-            if isinstance(module, SUPPORTED_MODULES):
-                weights.add(id(module.weight))
-                if module.bias is not None:
-                    weight_of_bias[id(module.bias)] = id(module.weight)
+        modules, left_out = kronecker_modules(model)
+        for _, module in modules:
+            weights.add(id(module.weight))
+            if getattr(module, "bias", None) is not None:
+                weight_of_bias[id(module.bias)] = id(module.weight)
+        sparse = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Embedding) and m.sparse}
         if params is None:
             user_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
         else:
@@ -318,6 +320,20 @@ class KroneckerOptimizer(Optimizer):
             self._validate_group(merged)
             checked.append((user_group, group_params, merged))
         optimized = {id(p) for _, group_params, _ in checked for p in group_params}
+        sparse_names = [name for key, name in sparse.items() if key in optimized]
+        if sparse_names:
+            raise ValueError(
+                f"model: the nn.Embedding {', '.join(sparse_names)} has sparse=True: sparse gradients fit neither "
+                "the Kronecker update nor the first-order fallback; use sparse=False."
+            )
+        modules_by_name = dict(model.named_modules())
+        left_out = {name: why for name, why in left_out.items() if id(modules_by_name[name].weight) in optimized}
+        if left_out:
+            warnings.warn(
+                "Not preconditioned, trained by the first-order fallback: "
+                + "; ".join(f"{name} ({reason})" for name, reason in left_out.items()) + ".",
+                stacklevel=4,
+            )
         groups, frozen = [], []
         for user_group, group_params, merged in checked:
             kronecker, other = [], []
@@ -351,11 +367,11 @@ class KroneckerOptimizer(Optimizer):
             for p in group["params"]
         }
         layers = []
-        for name, module in model.named_modules():
-            if isinstance(module, SUPPORTED_MODULES) and id(module.weight) in in_group:
+        for name, module in kronecker_modules(model)[0]:
+            if id(module.weight) in in_group:
                 index = in_group[id(module.weight)]
-                has_bias = module.bias is not None and id(module.bias) in in_group
-                layers.append(KroneckerLayer(name, module, self.param_groups[index], has_bias, index))
+                has_bias = getattr(module, "bias", None) is not None and id(module.bias) in in_group
+                layers.append(make_layer(name, module, self.param_groups[index], has_bias, index))
         return layers
 
     def preconditioner_dtypes(self, layer: KroneckerLayer) -> tuple[torch.dtype, torch.dtype]:

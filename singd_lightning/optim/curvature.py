@@ -1,8 +1,10 @@
 """Kronecker layers and the collection of their curvature statistics.
 
-A :class:`KroneckerLayer` is an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` whose
-weight (and bias) the Kronecker methods precondition (a ``Conv1d`` as a ``Conv2d`` of
-unit height, see :class:`ConvGeometry`). The :class:`CurvatureCollector` installs
+A :class:`KroneckerLayer` is an ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` or
+``nn.Embedding`` whose weight (and bias) the Kronecker methods precondition (a
+``Conv1d`` as a ``Conv2d`` of unit height, see :class:`ConvGeometry`; an
+``Embedding`` as the ``nn.Linear`` without bias on one-hot inputs, see
+:class:`EmbeddingLayer`). The :class:`CurvatureCollector` installs
 one forward hook per layer; in steps that collect statistics the hook places a
 tensor hook on the layer's output, which turns the stored input and the incoming
 output gradient into the matrices of SPEC §1 and hands them to a *sink* (the
@@ -37,7 +39,10 @@ from torch.utils.hooks import RemovableHandle
 
 from singd_lightning.structures._utils import symmetric_matmul
 
-SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+#: The kinds of preconditioned layers, by the ``torch.nn`` class they derive from
+#: (what a per-kind option such as SINGD's ``layer_structures`` is keyed by).
+LAYER_KINDS: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Embedding")
 LOSS_AVERAGES = ("batch", "batch+sequence", None)
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 
@@ -100,6 +105,102 @@ class KroneckerLayer:
         if self.has_bias:
             return [mat[:, :-1].reshape_as(self.weight), mat[:, -1].reshape_as(self.module.bias)]
         return [mat.reshape_as(self.weight)]
+
+    @property
+    def kind(self) -> str:
+        """The layer's kind, one of :data:`LAYER_KINDS`."""
+        return layer_kind(self.module)
+
+
+class EmbeddingLayer(KroneckerLayer):
+    """An ``nn.Embedding`` as the ``nn.Linear`` without bias that it is on one-hot
+    inputs: ``y = W_linᵀ … = onehot(x) W`` with ``W_lin = Wᵀ``, ``(D, V)``.
+
+    So ``d_K = V`` (``num_embeddings``) and ``d_o = D`` (``embedding_dim``); the
+    augmented gradient is ``W.grad`` transposed. The input statistic ``A Aᵀ`` of
+    one-hot rows is diagonal, the token counts: it is computed from them
+    (``bincount``), never from one-hot vectors (see :func:`input_rows`). The
+    ``padding_idx`` row, which ``nn.Embedding`` never trains (its gradient is
+    zero), gets a zero update whatever the structure of ``K``.
+    """
+
+    @property
+    def dim_in(self) -> int:
+        return self.module.num_embeddings
+
+    @property
+    def dim_out(self) -> int:
+        return self.module.embedding_dim
+
+    def gradient_matrix(self) -> Tensor | None:
+        grad = self.weight.grad
+        return None if grad is None else grad.mT
+
+    def split(self, mat: Tensor) -> list[Tensor]:
+        update = mat.mT
+        if self.module.padding_idx is not None:
+            update[self.module.padding_idx] = 0.0
+        return [update]
+
+
+def layer_kind(module: nn.Module) -> str:
+    """The kind (:data:`LAYER_KINDS`) of a supported module: the name of the
+    ``torch.nn`` class it derives from (``"Linear"`` for a subclass of ``nn.Linear``)."""
+    for cls in (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Linear):
+        if isinstance(module, cls):
+            return cls.__name__
+    raise TypeError(f"{type(module).__name__} is not a supported layer ({', '.join(LAYER_KINDS)}).")
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why a module of a supported class is not preconditioned (None: it is).
+
+    An ``nn.Embedding`` with ``sparse=True`` has sparse gradients, which no
+    Kronecker update takes; one with ``scale_grad_by_freq=True`` has a gradient
+    that is not that of a linear layer (rescaled by token counts), so the
+    statistics would not match it.
+    """
+    if isinstance(module, nn.Embedding):
+        if module.sparse:
+            return "sparse=True (sparse gradients)"
+        if module.scale_grad_by_freq:
+            return "scale_grad_by_freq=True (a gradient rescaled by token counts)"
+    return None
+
+
+def kronecker_modules(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
+    """The modules of ``model`` that the Kronecker methods precondition, and why
+    the others of supported classes are not.
+
+    A weight shared by two supported modules (tied input and output embeddings)
+    is preconditioned by neither: its gradient sums both uses, which no single
+    layer's factors describe; it goes to the first-order fallback.
+
+    Returns:
+        ``[(name, module), ...]`` in ``named_modules`` order, and ``{name: reason}``
+        for the modules of supported classes left out.
+    """
+    candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, SUPPORTED_MODULES)]
+    users: dict[int, list[str]] = {}
+    for name, module in candidates:
+        users.setdefault(id(module.weight), []).append(name)
+    kept, left_out = [], {}
+    for name, module in candidates:
+        reason = unsupported_reason(module)
+        shared = [other for other in users[id(module.weight)] if other != name]
+        if reason is None and shared:
+            reason = f"its weight is shared with {', '.join(shared)}"
+        if reason is None:
+            kept.append((name, module))
+        else:
+            left_out[name] = reason
+    return kept, left_out
+
+
+def make_layer(name: str, module: nn.Module, group: dict, has_bias: bool, group_index: int = 0) -> KroneckerLayer:
+    """The :class:`KroneckerLayer` (or :class:`EmbeddingLayer`) of a supported module."""
+    cls = EmbeddingLayer if isinstance(module, nn.Embedding) else KroneckerLayer
+    return cls(name, module, group, has_bias and not isinstance(module, nn.Embedding), group_index)
 
 
 # ---------------------------------------------------------------- row matrices
@@ -499,11 +600,76 @@ def _conv_cross_function(x: Tensor, patches: Tensor, conv: ConvGeometry, has_bia
     return None
 
 
-def input_rows(layer: KroneckerLayer, x: Tensor, approx: str) -> Rows:
+def _embedding_rows(x: Tensor, num_embeddings: int, approx: str, dtype: torch.dtype) -> Rows:
+    """``Aᵀ`` of an embedding's token ids ``x`` as :class:`Rows`, ``(V, n)``, from the
+    token counts: the one-hot columns are never built.
+
+    With ``"expand"`` (or unshared ids) ``A Aᵀ = diag(c)``, ``c`` the counts, and
+    ``X = diag(√c)`` has that Gram matrix with ``V`` columns instead of ``n``: its
+    builds, for structures that need them, cost ``V`` columns, however many tokens.
+    ``Rows.n`` stays the number of tokens. With ``"reduce"`` a row of ``A`` is a
+    sample's mean one-hot vector, its counts over the length: ``(N, V)`` rows.
+    """
+    if approx == "reduce" and x.ndim > 1:
+        ids = x.reshape(x.shape[0], -1)
+        means = torch.zeros(ids.shape[0], num_embeddings, dtype=dtype, device=x.device)
+        means.scatter_add_(1, ids, torch.full(ids.shape, 1.0 / ids.shape[1], dtype=dtype, device=x.device))
+        return _linear_rows(means, False)
+    ids = x.reshape(-1)
+    counts = torch.bincount(ids, minlength=num_embeddings).to(dtype)
+    roots: list[Tensor] = []  # √c, made once if a build needs it
+
+    def build(start: int, stop: int, row_major: bool) -> Tensor:
+        if not roots:
+            roots.append(counts.sqrt())
+        out = counts.new_zeros(num_embeddings, stop - start)
+        out[start:stop].diagonal().copy_(roots[0][start:stop])
+        return out
+
+    def cross(index: Tensor) -> Tensor:
+        index = index.to(x.device)
+        out = counts.new_zeros(len(index), num_embeddings)
+        out[torch.arange(len(index), device=x.device), index] = counts[index]
+        return out
+
+    rows = Rows(build, num_embeddings, num_embeddings, 1, dtype, lambda: counts.clone(), cross=cross,
+                gram=lambda: torch.diag(counts))
+    rows.n = ids.numel()
+    return rows
+
+
+def _linear_rows(flat: Tensor, has_bias: bool) -> Rows:
+    """``Aᵀ`` of a linear layer's ``(n, d)`` inputs as :class:`Rows` (a last row of
+    ones with ``has_bias``)."""
+    n, d = flat.shape
+    d_k = d + int(has_bias)
+
+    def square_sums() -> Tensor:
+        sums = _sum_over_chunks(flat, lambda b: b.square().sum(dim=0))
+        return torch.cat([sums, sums.new_full((1,), n)]) if has_bias else sums
+
+    products = dict(cross=partial(_linear_cross, flat, has_bias), gram=partial(_linear_gram, flat, has_bias))
+    if not has_bias:
+        return Rows(lambda start, stop, _: flat[start:stop].T, d_k, n, 1, flat.dtype, square_sums, copies=False, **products)
+    # Rows of the input are contiguous: the row-major copy is the fast one.
+    return Rows(
+        lambda start, stop, _: _layout_rows(flat[start:stop].T, 1, True, row_major=True),
+        d_k, n, 1, flat.dtype, square_sums, **products,
+    )
+
+
+def input_rows(layer: KroneckerLayer, x: Tensor, approx: str, dtype: torch.dtype | None = None) -> Rows:
     """``Aᵀ`` (un-normalised) as :class:`Rows`: ``(d_K, n)``; the last row is ones
-    when the layer has a bias. Each chunk is built in a single copy."""
+    when the layer has a bias. Each chunk is built in a single copy.
+
+    ``dtype``: of the rows (default: ``x``'s; an embedding's token ids are integers,
+    its rows the factor's dtype, by default float32)."""
     module, has_bias = layer.module, layer.has_bias
     d_k = layer.dim_in
+    if isinstance(module, nn.Embedding):
+        return _embedding_rows(x, d_k, approx, dtype or torch.get_default_dtype())
+    if dtype is not None:
+        x = x.to(dtype)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         x, module = _as_2d(x, module), ConvGeometry.of(module)
         x = conv2d_input(x, module)
@@ -542,20 +708,7 @@ def input_rows(layer: KroneckerLayer, x: Tensor, approx: str) -> Rows:
     flat = x.reshape(-1, d)
     if approx == "reduce" and x.ndim > 2:
         flat = x.reshape(x.shape[0], -1, d).mean(dim=1)
-    n = flat.shape[0]
-
-    def square_sums() -> Tensor:
-        sums = _sum_over_chunks(flat, lambda b: b.square().sum(dim=0))
-        return torch.cat([sums, sums.new_full((1,), n)]) if has_bias else sums
-
-    products = dict(cross=partial(_linear_cross, flat, has_bias), gram=partial(_linear_gram, flat, has_bias))
-    if not has_bias:
-        return Rows(lambda start, stop, _: flat[start:stop].T, d_k, n, 1, x.dtype, square_sums, copies=False, **products)
-    # Rows of the input are contiguous: the row-major copy is the fast one.
-    return Rows(
-        lambda start, stop, _: _layout_rows(flat[start:stop].T, 1, True, row_major=True),
-        d_k, n, 1, x.dtype, square_sums, **products,
-    )
+    return _linear_rows(flat, has_bias)
 
 
 def output_gradient_rows(
@@ -602,7 +755,8 @@ def output_gradient_rows(
 
 
 def input_matrix(layer: KroneckerLayer, x: Tensor, approx: str) -> tuple[Tensor, int]:
-    """``Aᵀ`` (un-normalised), ``(d_K, n)``, and its number of rows ``n``."""
+    """``Aᵀ`` (un-normalised), ``(d_K, n)``, and its number of rows ``n`` (for an
+    embedding: ``diag(√counts)``, ``(V, V)``, with the same ``A Aᵀ``)."""
     rows = input_rows(layer, x, approx)
     return rows.matrix(), rows.n
 
@@ -721,7 +875,7 @@ class CurvatureCollector:
         dtype_k, dtype_c = self.dtypes(layer)
         scale = self.grad_scale()
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x_in = input_rows(layer, x.to(dtype_k), approx)
+            x_in = input_rows(layer, x, approx, dtype_k)
             x_out, num_terms = output_gradient_rows(layer, grad_output.to(dtype_c), approx, loss_average)
             n = x_in.n
             w_in, w_out = 1.0, 1.0 / scale**2

@@ -110,26 +110,37 @@ class KFAC(KroneckerOptimizer):
         dtype_a, dtype_g = self.preconditioner_dtypes(layer)
         device = layer.weight.device
         start = torch.eye if layer.group["factor_init"] == "identity" else torch.zeros
+        if _diagonal_a(layer):  # the diagonals of I or 0
+            a = (torch.ones if start is torch.eye else torch.zeros)(layer.dim_in, dtype=dtype_a, device=device)
+            a_inv = torch.ones(layer.dim_in, dtype=dtype_a, device=device)
+        else:
+            a = start(layer.dim_in, layer.dim_in, dtype=dtype_a, device=device)
+            a_inv = torch.eye(layer.dim_in, dtype=dtype_a, device=device)
         return {
-            "A": start(layer.dim_in, layer.dim_in, dtype=dtype_a, device=device),
+            "A": a,
             "G": start(layer.dim_out, layer.dim_out, dtype=dtype_g, device=device),
-            "A_inv": torch.eye(layer.dim_in, dtype=dtype_a, device=device),
+            "A_inv": a_inv,
             "G_inv": torch.eye(layer.dim_out, dtype=dtype_g, device=device),
             "updates": torch.zeros((), dtype=torch.int64),
         }
 
     def _layer_layout(self, layer: KroneckerLayer) -> dict:
+        if _diagonal_a(layer):
+            return {"method": "kfac", "module": layer.kind, "A": {"dim": layer.dim_in, "structure": "diagonal"},
+                    "G": {"dim": layer.dim_out}}
         return {"method": "kfac", "A": {"dim": layer.dim_in}, "G": {"dim": layer.dim_out}}
 
     def _layer_tensor_shapes(self, layer: KroneckerLayer) -> tuple[dict, dict]:
         d_in, d_out = layer.dim_in, layer.dim_out
-        return {"A": (d_in, d_in), "G": (d_out, d_out), "A_inv": (d_in, d_in), "G_inv": (d_out, d_out), "updates": ()}, {}
+        a_shape = (d_in,) if _diagonal_a(layer) else (d_in, d_in)
+        return {"A": a_shape, "G": (d_out, d_out), "A_inv": a_shape, "G_inv": (d_out, d_out), "updates": ()}, {}
 
     def _statistics_numel(self, layer: KroneckerLayer) -> tuple[int, int]:
-        return layer.dim_in**2, layer.dim_out**2
+        return layer.dim_in if _diagonal_a(layer) else layer.dim_in**2, layer.dim_out**2
 
     def _statistics(self, layer: KroneckerLayer, x_in: Rows, x_out: Rows) -> tuple[Tensor, Tensor]:
-        return x_in.gram().flatten(), x_out.gram().flatten()
+        a = x_in.square_sums() if _diagonal_a(layer) else x_in.gram().flatten()
+        return a, x_out.gram().flatten()
 
     def _update_preconditioner(self, layer: KroneckerLayer, a: Tensor, g: Tensor) -> dict[str, Tensor]:
         state = self.layer_state[layer.name]
@@ -158,14 +169,25 @@ class KFAC(KroneckerOptimizer):
 
     def _precondition(self, layer: KroneckerLayer, grad: Tensor) -> Tensor:
         state = self.layer_state[layer.name]
-        x = grad.to(state["A_inv"].dtype) @ state["A_inv"]
+        a_inv = state["A_inv"]
+        x = grad.to(a_inv.dtype) * a_inv if a_inv.ndim == 1 else grad.to(a_inv.dtype) @ a_inv
         x = state["G_inv"] @ x.to(state["G_inv"].dtype)
         return x.to(grad.dtype)
 
 
+def _diagonal_a(layer: KroneckerLayer) -> bool:
+    """Whether ``A`` is kept as its diagonal: an embedding's, whose statistics of
+    one-hot inputs (token counts) are diagonal, and whose ``V × V`` matrix would
+    hold only zeros off it."""
+    return layer.kind == "Embedding"
+
+
 def _damped_inverse(mat: Tensor, damping: float) -> Tensor:
-    """``(mat + damping·I)⁻¹`` computed in float32 or better, in ``mat``'s dtype."""
+    """``(mat + damping·I)⁻¹`` computed in float32 or better, in ``mat``'s dtype
+    (a 1-D ``mat`` is a diagonal matrix's diagonal)."""
     work = mat.to(torch.promote_types(mat.dtype, torch.float32))
+    if mat.ndim == 1:
+        return (work + damping).reciprocal_().to(mat.dtype)
     work = work + damping * torch.eye(mat.shape[0], dtype=work.dtype, device=work.device)
     inverse, info = torch.linalg.inv_ex(work)
     # A failed inverse becomes NaN, which the finite check rejects; masked on the

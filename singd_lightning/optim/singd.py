@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from singd_lightning.optim.base import KroneckerOptimizer
-from singd_lightning.optim.curvature import KroneckerLayer, Rows
+from singd_lightning.optim.curvature import LAYER_KINDS, KroneckerLayer, Rows
 from singd_lightning.optim.hyperparameters import check_bool, check_choice, check_range, resolve_lr_cov
 from singd_lightning.structures import Structure, StructureSpec, resolve_structure
 
@@ -45,6 +46,41 @@ def _structure_pair(structures) -> tuple:
     return tuple(structures)
 
 
+#: Structures by layer kind that apply unless ``layer_structures`` names the kind:
+#: an embedding's ``K`` is diagonal (its statistics of one-hot inputs are token
+#: counts, a diagonal matrix; a dense ``V × V`` factor would hold only zeros off it).
+#: None: the group's ``structures`` for that factor.
+DEFAULT_LAYER_STRUCTURES: dict[str, tuple] = {"Embedding": ("diagonal", None)}
+
+
+def _plain_spec(spec: StructureSpec | None) -> StructureSpec | None:
+    """A structure as a name or a dict with options (weights-only checkpoints);
+    resolving raises a ValueError listing the valid names."""
+    if spec is None:
+        return None
+    factory = resolve_structure(spec)
+    return spec if isinstance(spec, str) else {"name": factory.name, **factory.options}
+
+
+def _layer_structures(value: Mapping | None) -> dict[str, tuple]:
+    """``layer_structures`` checked and completed with :data:`DEFAULT_LAYER_STRUCTURES`."""
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            "layer_structures must be a mapping from a layer kind "
+            f"({', '.join(LAYER_KINDS)}) to structures, got {value!r}."
+        )
+    unknown = sorted(str(kind) for kind in value if kind not in LAYER_KINDS)
+    if unknown:
+        raise ValueError(f"layer_structures: unknown layer kinds {unknown}; valid kinds are {list(LAYER_KINDS)}.")
+    out = dict(DEFAULT_LAYER_STRUCTURES)
+    for kind, pair in value.items():
+        pair = (pair, pair) if pair is None else _structure_pair(pair)
+        out[kind] = tuple(_plain_spec(spec) for spec in pair)
+    return out
+
+
 class SINGD(KroneckerOptimizer):
     """Structured inverse-free natural gradient descent (Lin, Dangel et al., 2024).
 
@@ -72,6 +108,12 @@ class SINGD(KroneckerOptimizer):
             aliases like ``"block30diagonal"`` work), or mappings with options,
             e.g. ``{"name": "block_diagonal", "block_size": 32}``. A single value
             applies to both.
+        layer_structures: Structures per layer kind (``"Linear"``, ``"Conv1d"``,
+            ``"Conv2d"``, ``"Embedding"``: the ``torch.nn`` class a layer derives
+            from), overriding ``structures`` for those layers: a pair or one
+            structure for both, None in a pair for ``structures``' own, e.g.
+            ``{"Embedding": ("diagonal", "dense")}``. Unnamed kinds keep
+            :data:`DEFAULT_LAYER_STRUCTURES`: an embedding's ``K`` is diagonal.
         kfac_like: IKFAC: drop the trace scaling and Riemannian momentum (α₁ = 0).
         kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing dimensions.
         loss_average: ``"batch"``, ``"batch+sequence"`` or None (summed loss).
@@ -110,6 +152,7 @@ class SINGD(KroneckerOptimizer):
         T: int = 10,
         lr_cov: float | Callable[[int], float] = 1e-2,
         structures: tuple[StructureSpec, StructureSpec] | StructureSpec = ("dense", "dense"),
+        layer_structures: Mapping[str, Any] | None = None,
         kfac_like: bool = False,
         kfac_approx: str = "expand",
         loss_average: str | None = "batch",
@@ -129,6 +172,7 @@ class SINGD(KroneckerOptimizer):
             T=T,
             lr_cov=lr_cov,
             structures=structures,
+            layer_structures=layer_structures,
             kfac_like=kfac_like,
             kfac_approx=kfac_approx,
             loss_average=loss_average,
@@ -149,6 +193,7 @@ class SINGD(KroneckerOptimizer):
         lr_cov = group["lr_cov"]
         if not callable(lr_cov):
             check_range("lr_cov", lr_cov, 0.0)
+        group["layer_structures"] = _layer_structures(group["layer_structures"])
         pair = _structure_pair(group["structures"])
         # Keep plain names/dicts in the group so that state_dicts stay weights-only;
         # resolving raises a ValueError listing the valid names.
@@ -170,6 +215,8 @@ class SINGD(KroneckerOptimizer):
         layouts = self._layouts.get(layer.name)
         if layouts is None:
             spec_k, spec_c = layer.group["structures"]
+            kind_k, kind_c = layer.group["layer_structures"].get(layer.kind, (None, None))
+            spec_k, spec_c = spec_k if kind_k is None else kind_k, spec_c if kind_c is None else kind_c
             layouts = (resolve_structure(spec_k)(layer.dim_in), resolve_structure(spec_c)(layer.dim_out))
             self._layouts[layer.name] = layouts
         return layouts
@@ -189,11 +236,14 @@ class SINGD(KroneckerOptimizer):
 
     def _layer_layout(self, layer: KroneckerLayer) -> dict:
         layout_k, layout_c = self.layouts(layer)
-        return {
+        layout = {
             "method": "singd",
             "K": {"structure": layout_k.name, "dim": layout_k.dim, **layout_k.options()},
             "C": {"structure": layout_c.name, "dim": layout_c.dim, **layout_c.options()},
         }
+        if layer.kind == "Embedding":  # (the other kinds' layouts predate the key)
+            layout["module"] = layer.kind
+        return layout
 
     def _layer_tensor_shapes(self, layer: KroneckerLayer) -> tuple[dict, dict]:
         layout_k, layout_c = self.layouts(layer)
