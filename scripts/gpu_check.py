@@ -117,22 +117,26 @@ def run_tests(out: Path, budget: Budget, dry_run: bool) -> dict:
     return {**result, **counts, "failed": failed, "ok": ok}
 
 
+def train_overrides(model: str, dry_run: bool, epochs: int, steps_per_epoch: int) -> list[str]:
+    """The ``train.py`` overrides of one run: bf16, SINGD hierarchical, synthetic data."""
+    batch = 16 if dry_run else 128
+    return [
+        f"model={model}", "data=synthetic_cifar", "precision=bf16", "optimizer=singd", "structure=hierarchical",
+        f"trainer.max_epochs={epochs}", f"data.batch_size={batch}", f"data.train_size={batch * steps_per_epoch}",
+        f"data.val_size={batch}", f"data.test_size={batch}", "eval_test_every_epoch=false",
+        f"trainer.accelerator={'cpu' if dry_run else 'gpu'}",
+    ]
+
+
 def run_training(out: Path, budget: Budget, dry_run: bool, epochs: int, steps_per_epoch: int) -> dict:
     """One short bf16 run per paper model through ``train.py`` on synthetic data."""
     out.mkdir(parents=True, exist_ok=True)
-    batch = 16 if dry_run else 128
     runs = {}
     models = DRY_MODELS if dry_run else MODELS
     for index, (name, model) in enumerate(models.items()):
         run_dir = out / name
-        command = [
-            sys.executable, "train.py", f"model={model}", "data=synthetic_cifar", "precision=bf16",
-            "optimizer=singd", "structure=hierarchical", f"trainer.max_epochs={epochs}",
-            f"data.batch_size={batch}", f"data.train_size={batch * steps_per_epoch}",
-            f"data.val_size={batch}", f"data.test_size={batch}", "eval_test_every_epoch=false",
-            f"trainer.accelerator={'cpu' if dry_run else 'gpu'}",
-            f"hydra.run.dir={run_dir}",
-        ]
+        command = [sys.executable, "train.py", *train_overrides(model, dry_run, epochs, steps_per_epoch),
+                   f"hydra.run.dir={run_dir}"]
         # An equal share of what is left, so that a slow model cannot starve the rest.
         share = budget.take(10**9) / (len(models) - index)
         result = _run(command, out / f"{name}.log", share)

@@ -114,3 +114,17 @@ def test_benchmark_times_survive_a_run_stopped_during_the_peaks(tmp_path, monkey
                         "--batch-size", "2", "--steps", "1", "--warmup", "0", "--json", str(out)])
     rows = json.loads(out.read_text())
     assert {r["method"] for r in rows} == {"adamw", "sgd", "ours"} and all(r["step_ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("model", list(gpu_check.MODELS.values()))
+def test_every_gpu_training_run_composes(model):
+    """The GPU runs' configs resolve (a typo would only show on the device)."""
+    from omegaconf import OmegaConf
+
+    from tests.app.helpers import compose_cfg
+
+    cfg = compose_cfg(gpu_check.train_overrides(model, dry_run=False, epochs=2, steps_per_epoch=100))
+    assert cfg.data.name == "synthetic" and cfg.data.train_size == 12800 and cfg.data.batch_size == 128
+    assert cfg.precision.trainer_precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
+    paper_names = {"vgg": "vgg16", "convmixer": "convmixer_256_8", "cct": "cct_7_3x1_32", "swin": "swin_tiny_32"}
+    assert OmegaConf.to_container(cfg.model, resolve=True)["name"] == paper_names[model]
