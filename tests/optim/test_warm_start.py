@@ -358,3 +358,31 @@ def test_lr_cov_schedule_option_in_the_factory():
         warnings.simplefilter("ignore")
         optimizer.load_state_dict(state)
     assert optimizer.param_groups[0]["lr_cov"] == LrCovWarmup(0.05)
+
+
+# --------------------------------------------------------------- app config
+@pytest.mark.parametrize("optimizer", ["singd", "ingd", "ikfac"])
+def test_app_config_sets_the_start_the_clip_and_the_warmup(optimizer):
+    from singd_lightning.app.pipeline import build_module
+    from tests.app.helpers import compose_cfg
+
+    cfg = compose_cfg([f"optimizer={optimizer}"])
+    assert (cfg.optimizer.factor_init, cfg.optimizer.kl_clip, cfg.optimizer.lr_cov_schedule) == ("identity", None, None)
+    cfg = compose_cfg(
+        [
+            f"optimizer={optimizer}",
+            "optimizer.lr_cov_schedule=authors_warmup",
+            "optimizer.factor_init=warm",
+            "optimizer.kl_clip=1e-3",
+        ]
+    )
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 10))
+    net.num_classes = 10
+    module = build_module(cfg, net)
+    built = module.configure_optimizers()["optimizer"]
+    group = built.param_groups[0]
+    assert group["lr_cov"] == LrCovWarmup(1e-2)
+    assert (group["factor_init"], group["kl_clip"]) == ("warm", 1e-3)
+    nn.functional.cross_entropy(module(torch.randn(4, 3, 2, 2)), torch.randint(0, 10, (4,))).backward()
+    built.step()
+    assert all(INITIALIZED in state for state in built.layer_state.values())
