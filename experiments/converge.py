@@ -822,9 +822,10 @@ def run_suite(budget: Budget, out: Path, *, jobs: int = 2, python: str = sys.exe
         raise ValueError(f"jobs must be >= 1, got {jobs}.")
     workloads, methods, notes = select(budget)
     estimate = estimate_seconds(workloads, methods, budget, jobs)
+    duration = f"{estimate / 60:.0f} min" if estimate >= 120 else f"{estimate:.0f} s"
     print(f"converge: {len(workloads)} workloads x {len(methods)} methods, {budget.trials} trials, "
           f"{budget.seeds} fp32 + {budget.bf16_seeds} bf16 seeds, {jobs} jobs side by side; "
-          f"estimated {estimate / 60:.0f} min", flush=True)  # fmt: skip
+          f"estimated {duration}", flush=True)  # fmt: skip
     for note in notes:
         print(f"converge: {note}", flush=True)
     pairs = [(w, m) for w in workloads for m in methods]
