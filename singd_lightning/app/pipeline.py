@@ -68,9 +68,9 @@ def build_model(cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
 
     Raises:
         ConfigError: ``cfg.model`` has a key the model does not take, or the model
-            takes images and the data are sequences (or the reverse).
+            takes images and the data are sequences or token ids (or the reverse).
     """
-    from singd_lightning.models import MODELS, SEQUENCE_MODELS
+    from singd_lightning.models import MODELS, SEQUENCE_MODELS, TOKEN_MODELS
 
     backend = compile_backend(cfg.get("compile", False))
     name, seq_len = str(cfg.model.get("name")), getattr(datamodule, "seq_len", None)
@@ -87,7 +87,17 @@ def build_model(cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
         )
     if not graph and name in GRAPH_MODELS:
         raise ConfigError(f"model: {name} takes a graph, but data={cfg.data.get('name')} gives none; use data=cora.")
-    if seq_len is not None and known and name not in SEQUENCE_MODELS:
+    tokens = getattr(datamodule, "vocab_size", None) is not None  # language modelling data
+    if tokens and known and name not in TOKEN_MODELS:
+        raise ConfigError(
+            f"model: {name} does not take token ids, but data={cfg.data.get('name')} gives token ids; "
+            f"use one of model={', model='.join(sorted(TOKEN_MODELS))}."
+        )
+    if not tokens and name in TOKEN_MODELS:
+        raise ConfigError(
+            f"model: {name} takes token ids, but data={cfg.data.get('name')} gives none; use data=text."
+        )
+    if not tokens and seq_len is not None and known and name not in SEQUENCE_MODELS:
         raise ConfigError(
             f"model: {name} takes 2-D images, but data={cfg.data.get('name')} gives 1-D sequences "
             f"of length {seq_len}; use one of model={', model='.join(sorted(SEQUENCE_MODELS))}."
@@ -112,10 +122,22 @@ def build_model(cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
     return net
 
 
-def build_module(cfg: DictConfig, net: torch.nn.Module, num_classes: int | None = None) -> ImageClassifier:
+def build_module(
+    cfg: DictConfig, net: torch.nn.Module, num_classes: int | None = None, datamodule: Any = None
+) -> ImageClassifier:
     """The LightningModule with the optimizer options and LR scheduler of ``cfg``
-    (``num_classes``: the data's; None: ``net.num_classes``)."""
+    (``num_classes``: the data's; None: ``net.num_classes``).
+
+    A ``datamodule`` whose loss averages over positions too (its ``loss_average``
+    is ``"batch+sequence"``, as for ``data=text``) sets the Kronecker optimizers'
+    ``loss_average`` where the config leaves it at the default ``"batch"``, which
+    would scale their output-side statistics by the wrong number of loss terms;
+    one with ``byte_level`` adds the bits-per-byte metrics.
+    """
     optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    data_average = getattr(datamodule, "loss_average", None)
+    if data_average is not None and optimizer.get("loss_average") == "batch":
+        optimizer["loss_average"] = data_average
     scheduler = hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     return ImageClassifier(
         net,
@@ -123,6 +145,7 @@ def build_module(cfg: DictConfig, net: torch.nn.Module, num_classes: int | None 
         scheduler=scheduler,
         label_smoothing=cfg.get("label_smoothing", 0.0),
         num_classes=num_classes,
+        bits_per_byte=bool(getattr(datamodule, "byte_level", False)),
     )
 
 
@@ -305,7 +328,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         datamodule = build_datamodule(cfg)
         net = build_model(cfg, datamodule)
         results["num_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
-        module = build_module(cfg, net, num_classes=datamodule.num_classes)
+        module = build_module(cfg, net, num_classes=datamodule.num_classes, datamodule=datamodule)
         callbacks = build_callbacks(cfg.get("callbacks"))
         loggers = build_loggers(cfg.get("logger"))
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

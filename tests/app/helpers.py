@@ -25,13 +25,13 @@ GROUP_OPTIONS: dict[str, set[str]] = {
     },
     "precision": {"fp32", "bf16", "bf16-fp32-factors", "bf16-true", "fp16"},
     "model": {"vgg", "convmixer", "cct", "swin", "vgg_small", "convmixer_tiny", "cct_tiny", "swin_nano", "timm",
-              "mlp", "cnn1d", "gcvit", "repvit", "hdvt", "gcn", "vit"},
-    "data": {"cifar100", "imagewoof10", "digits", "mnist1d", "cora", "imagenet100"},
+              "mlp", "cnn1d", "gcvit", "repvit", "hdvt", "gcn", "vit", "gpt"},
+    "data": {"cifar100", "imagewoof10", "digits", "mnist1d", "cora", "imagenet100", "text"},
     "trainer": {"default", "cpu", "gpu", "ddp"},
     "logger": {"csv", "wandb", "many_loggers"},
     "experiment": {
         f"{data}_{model}" for data in ("cifar100", "imagewoof10") for model in ("vgg", "convmixer", "cct", "swin", "gcvit", "repvit", "hdvt")
-    } | {"cora_gcn", "imagenet100_vit"},
+    } | {"cora_gcn", "imagenet100_vit", "text_gpt"},
     "hparams_search": {"singd", "ingd", "ikfac", "kfac", "adamw", "sgd"},
     "launcher": {"local", "slurm"},
     "scheduler": {"cosine", "constant", "multistep", "warmup_cosine"},

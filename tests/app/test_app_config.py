@@ -54,6 +54,8 @@ def test_data_options_instantiate_without_download(option: str, tmp_path: Path) 
         return
     if option == "mnist1d":  # 1-D sequences: a length instead of an image size
         assert (datamodule.num_classes, datamodule.in_chans, datamodule.seq_len) == (10, 1, 40)
+    elif option == "text":  # byte sequences: a vocabulary and a length
+        assert (datamodule.num_classes, datamodule.vocab_size, datamodule.seq_len) == (256, 256, 128)
     else:
         expected = {"digits": (10, 32), "cifar100": (100, 32), "imagewoof10": (10, 128)}[option]
         assert (datamodule.num_classes, datamodule.image_size) == expected
@@ -71,10 +73,13 @@ def test_model_options_build_and_run(option: str) -> None:
     if option == "gcn":  # a graph model: sized by a graph's node features, one output row per node
         datamodule = SimpleNamespace(num_classes=10, in_chans=4, num_nodes=2)
         x = (torch.randn(2, 4), torch.eye(2).to_sparse())
+    if option == "gpt":  # a token model: next-token logits at every position
+        datamodule = SimpleNamespace(num_classes=10, in_chans=1, seq_len=8, vocab_size=10)
+        x = torch.randint(0, 10, (2, 8))
     net = build_model(cfg, datamodule)
     with torch.no_grad():
         out = net(x)
-    assert out.shape == (2, 10)
+    assert out.shape == ((2, 8, 10) if option == "gpt" else (2, 10))
 
 
 @pytest.mark.parametrize("option", _params("optimizer"))
@@ -212,6 +217,8 @@ def test_experiment_options(option: str, tmp_path: Path) -> None:
     data, model = option.split("_")
     if data in ("cora", "imagenet100"):
         pytest.skip("sized by the data's files: tests/app/test_app_paper_experiments.py trains it on small ones")
+    if data == "text":
+        pytest.skip("a CPU-sized setting, not a paper one: tests/app/test_app_text.py runs it")
     datamodule = hydra.utils.instantiate(cfg.data)
     net = build_model(cfg, datamodule)
     assert cfg.task_name == option
