@@ -139,7 +139,7 @@ class KroneckerOptimizer(Optimizer):
 
     Args:
         model: The model (a ``DataParallel``/``DistributedDataParallel`` wrapper is
-            unwrapped). Its ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` layers are preconditioned.
+            unwrapped). Its ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Embedding`` layers are preconditioned.
         params: None (all trainable parameters of ``model``), an iterable of
             parameters, or parameter groups (dicts) with their own hyper-parameters.
             A layer's preconditioner follows its weight's group; every parameter
@@ -218,7 +218,7 @@ class KroneckerOptimizer(Optimizer):
         groups, frozen = self._split_groups(model, params, defaults)
         if frozen:
             warnings.warn(
-                "fallback='none': these parameters are outside nn.Linear/nn.Conv1d/nn.Conv2d "
+                "fallback='none': these parameters are outside the preconditioned "
                 f"layers and will NOT be trained: {', '.join(frozen)}.",
                 stacklevel=3,
             )

@@ -53,7 +53,7 @@ class KroneckerLayer:
 
     Attributes:
         name: The module's name in the (unwrapped) model; keys its state.
-        module: The ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``.
+        module: The ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Embedding``.
         group: The parameter group holding its parameters.
         has_bias: Whether the bias is trained with the weight (as the last column
             of the augmented weight).

@@ -84,7 +84,7 @@ def _layer_structures(value: Mapping | None) -> dict[str, tuple]:
 class SINGD(KroneckerOptimizer):
     """Structured inverse-free natural gradient descent (Lin, Dangel et al., 2024).
 
-    Preconditions every ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` of ``model`` with
+    Preconditions every ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``/``nn.Embedding`` of ``model`` with
     ``(K Kᵀ) ⊗ (C Cᵀ)``, where the factors ``K`` (``d_K × d_K``) and ``C``
     (``d_o × d_o``) live in sparse matrix groups and are updated without any
     inversion; all other trainable parameters are trained by a first-order

@@ -252,3 +252,26 @@ def test_lightning_module_trains_the_embedding_one_step() -> None:
     assert isinstance(layer, EmbeddingLayer)
     assert optimizer.steps == 1 and not torch.equal(optimizer.layer_state["net.tok_embed"]["C"], torch.eye(16).flatten())
     assert not torch.equal(net.tok_embed.weight, before)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiled_model_gets_the_eager_update() -> None:
+    from singd_lightning.models import create_model
+
+    torch.manual_seed(0)
+    eager = create_model("gpt", 32, seq_len=8, depth=1, embed_dim=16, num_heads=2)
+    compiled = copy.deepcopy(eager)
+    compiled.compile(backend="aot_eager")
+    x = torch.randint(0, 32, (2, 8))
+    optimizers = []
+    for model in (eager, compiled):
+        optimizer = SINGD(model, T=1, lr=0.05, loss_average="batch+sequence")
+        for _ in range(2):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x).reshape(-1, 32), x.roll(-1, 1).reshape(-1)).backward()
+            optimizer.step()
+        optimizers.append(optimizer)
+    assert not torch.equal(optimizers[1].layer_state["tok_embed"]["C"], torch.eye(16).flatten())
+    torch.testing.assert_close(optimizers[0].layer_state["tok_embed"]["K"], optimizers[1].layer_state["tok_embed"]["K"])
+    for p, q in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(p, q)
