@@ -616,12 +616,13 @@ def _embedding_rows(x: Tensor, num_embeddings: int, approx: str, dtype: torch.dt
         means.scatter_add_(1, ids, torch.full(ids.shape, 1.0 / ids.shape[1], dtype=dtype, device=x.device))
         return _linear_rows(means, False)
     ids = x.reshape(-1)
-    counts = torch.bincount(ids, minlength=num_embeddings).to(dtype)
+    exact = torch.bincount(ids, minlength=num_embeddings).to(torch.promote_types(dtype, torch.float32))
+    counts = exact.to(dtype)
     roots: list[Tensor] = []  # √c, made once if a build needs it
 
     def build(start: int, stop: int, row_major: bool) -> Tensor:
-        if not roots:
-            roots.append(counts.sqrt())
+        if not roots:  # from float32 counts: float16 holds √c of counts beyond its range
+            roots.append(exact.sqrt().to(dtype))
         out = counts.new_zeros(num_embeddings, stop - start)
         out[start:stop].diagonal().copy_(roots[0][start:stop])
         return out

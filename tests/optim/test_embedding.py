@@ -5,6 +5,7 @@ checkpoints, refused and shared embeddings, and a Lightning step."""
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -110,6 +111,15 @@ def test_input_statistics_come_from_counts_without_one_hot() -> None:
     torch.testing.assert_close(rows.cross(index), (one_hot @ one_hot.T)[index])
     # the chunked build (structures without a direct product) has the same Gram matrix
     torch.testing.assert_close(rows.reduce(lambda m: m @ m.T, max_bytes=8 * V * 5), one_hot @ one_hot.T)
+
+
+def test_float16_rows_hold_counts_beyond_its_range() -> None:
+    layer = EmbeddingLayer("e", nn.Embedding(V, D), {}, False)
+    x = torch.full((70_000,), 3)  # a count float16 cannot hold
+    rows = input_rows(layer, x, "expand", torch.float16)
+    rows.scale = 1.0 / math.sqrt(rows.n)  # as the collector scales float16 rows
+    gram = rows.reduce(lambda m: m.float() @ m.float().T)
+    assert torch.isfinite(gram).all() and gram[3, 3].item() == pytest.approx(1.0, rel=1e-3)
 
 
 def test_reduce_rows_are_the_samples_mean_one_hot_vectors() -> None:
