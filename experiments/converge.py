@@ -154,6 +154,9 @@ METHODS: tuple[Method, ...] = (
     Method("SINGD-hier", "singd", ("structure=hierarchical",), tunes=True),
     Method("SINGD-diag+warm", "singd", ("structure=diagonal", "optimizer.factor_init=warm")),
     Method("SINGD-hier+warm", "singd", ("structure=hierarchical", "optimizer.factor_init=warm")),
+    # the warm start with the KL clip that keeps fixed-lr runs stable (scripts/warm_start.py)
+    Method("SINGD-hier+warm+clip", "singd",
+           ("structure=hierarchical", "optimizer.factor_init=warm", "optimizer.kl_clip=0.001")),
 )
 
 
