@@ -604,7 +604,7 @@ def _embedding_rows(x: Tensor, num_embeddings: int, approx: str, dtype: torch.dt
     """``Aᵀ`` of an embedding's token ids ``x`` as :class:`Rows`, ``(V, n)``, from the
     token counts: the one-hot columns are never built.
 
-    With ``"expand"`` (or unshared ids) ``A Aᵀ = diag(c)``, ``c`` the counts, and
+    With ``"expand"`` (or ids without a sequence dimension) ``A Aᵀ = diag(c)``, ``c`` the counts, and
     ``X = diag(√c)`` has that Gram matrix with ``V`` columns instead of ``n``: its
     builds, for structures that need them, cost ``V`` columns, however many tokens.
     ``Rows.n`` stays the number of tokens. With ``"reduce"`` a row of ``A`` is a
