@@ -535,7 +535,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"paper suites: only these models (default: {' '.join(PAPER_MODELS)})")
     parser.add_argument("--structures", nargs="+",
                         help=f"paper suites: SINGD structures (default: {' '.join(PAPER_STRUCTURES)})")
-    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "bf16-true", "fp16"),
+    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "bf16-fp32-factors", "bf16-true", "fp16"),
                         help=f"paper suites: precisions (default: {' '.join(PAPER_PRECISIONS)})")
     parser.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE",
                         help="extra Hydra override for every job (repeatable), e.g. -o trainer.max_epochs=1")

@@ -91,12 +91,26 @@ def validate_trainer(trainer: Mapping[str, Any]) -> None:
 
 def validate_scheduler(scheduler: Mapping[str, Any] | None) -> None:
     """A cosine schedule needs a length (``scheduler.T_max``, by default
-    ``trainer.max_epochs``) of at least one epoch.
+    ``trainer.max_epochs``) of at least one epoch; a warm-up + cosine schedule also
+    a warm-up shorter than that length.
 
     Raises:
         ConfigError: Naming ``scheduler.T_max``.
     """
-    if not scheduler or not str(scheduler.get("_target_", "")).endswith("CosineAnnealingLR"):
+    target = str(scheduler.get("_target_", "")) if scheduler else ""
+    if target.endswith("WarmupCosineLR"):
+        warmup, length = scheduler.get("warmup_epochs"), scheduler.get("max_epochs")
+        if not _is_int(length) or length < 1:
+            raise ConfigError(
+                f"scheduler.max_epochs (the warm-up + cosine schedule's length; trainer.max_epochs by default) "
+                f"must be an integer >= 1, got {length!r}."
+            )
+        if not _is_int(warmup) or not 0 <= warmup < length:
+            raise ConfigError(
+                f"scheduler.warmup_epochs must be an integer in [0, scheduler.max_epochs={length}), got {warmup!r}."
+            )
+        return
+    if not target.endswith("CosineAnnealingLR"):
         return
     t_max = scheduler.get("T_max")
     if not _is_int(t_max) or t_max < 1:

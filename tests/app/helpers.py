@@ -26,7 +26,7 @@ GROUP_OPTIONS: dict[str, set[str]] = {
     "precision": {"fp32", "bf16", "bf16-fp32-factors", "bf16-true", "fp16"},
     "model": {"vgg", "convmixer", "cct", "swin", "vgg_small", "convmixer_tiny", "cct_tiny", "swin_nano", "timm",
               "mlp", "cnn1d", "gcvit", "repvit", "hdvt", "gcn", "vit", "gpt"},
-    "data": {"cifar100", "imagewoof10", "digits", "mnist1d", "cora", "imagenet100", "text"},
+    "data": {"cifar100", "imagewoof10", "digits", "mnist1d", "cora", "imagenet100", "text", "synthetic_cifar"},
     "trainer": {"default", "cpu", "gpu", "ddp"},
     "logger": {"csv", "wandb", "many_loggers"},
     "experiment": {

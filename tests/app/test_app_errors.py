@@ -53,6 +53,8 @@ USER_ERRORS = [
     (["trainer.max_epochs=0"], "trainer.max_epochs must be an integer >= 1"),
     (["trainer.max_epochs=-1"], "trainer.max_epochs=-1 (no epoch limit) would train forever"),
     (["trainer.max_epochs=-1", "trainer.max_steps=4"], "scheduler.T_max (the cosine schedule's length"),
+    (["scheduler=warmup_cosine", "trainer.max_epochs=3", "scheduler.warmup_epochs=3"],
+     "scheduler.warmup_epochs must be an integer in [0, scheduler.max_epochs=3), got 3."),
     (["trainer.limit_train_batches=abc"], "trainer.limit_train_batches must be null, a number"),
     (["trainer.limit_val_batches=1.5"], "trainer.limit_val_batches must be null, a number"),
     (["trainer.limit_train_batches=0"], "trainer.limit_train_batches=0 trains nothing"),
