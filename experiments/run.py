@@ -3,14 +3,19 @@
     python experiments/run.py --suite smoke --out results/smoke          # CPU, minutes
     python experiments/run.py --suite cifar100 --out results/cifar100    # GPU, paper budget
     python experiments/run.py --suite imagewoof10 --out results/woof --models vgg cct
+    python experiments/run.py --suite cora                               # GCN on Cora (OUT: results/cora)
+    python experiments/run.py --suite imagenet100                        # ViT on ImageNet-100
+    python experiments/run.py --suite cifar100 --models vgg --limit 2 --dry-run  # print the commands
     python experiments/run.py --suite converge --out results/converge    # tuned, steps to target (converge.py)
 
 Every job is a separate ``python train.py <overrides> hydra.run.dir=OUT/runs/<job>``
 process, so a crash cannot take the suite down. Afterwards ``OUT`` holds:
 
 - ``results.csv``: one row per job (status, test accuracy/error, memory, step time, ...);
-- ``results.md``: the paper-style table (test error and peak memory per optimizer and
-  model, one table per data set and precision) and a list of failed/diverged jobs;
+- ``results.md``: the paper's table layout: per data set, one row per optimizer (SINGD
+  per structure) and per model and precision the test error (%), the peak memory (GB)
+  and the wall time (min); for VGG on CIFAR-100 also the authors' draft of the paper's
+  Fig. 1 as reference rows; then every job with its status and error;
 - ``test_error_<data>_<model>_<precision>.png``: test error over epochs per optimizer
   (from each job's CSV log), and ``memory.png``: the optimizer-state size and, for GPU
   jobs, the peak GPU memory per optimizer. Every figure gives an optimizer the same
@@ -30,6 +35,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -71,7 +77,8 @@ STRUCTURE_LABELS = {
 CSV_COLUMNS = (
     "job", "label", "status", "error", "test_acc", "test_err", "best_val_acc", "final_train_loss",
     "step_time_ms", "optimizer_step_ms", "peak_memory_mb", "memory_kind", "optimizer_state_mb", "optimizer", "structure",
-    "precision", "trainer_precision", "model", "data", "epochs", "wall_time_s", "returncode", "expect", "run_dir",
+    "precision", "trainer_precision", "model", "model_name", "data", "epochs", "wall_time_s", "returncode", "expect",
+    "run_dir",
 )  # fmt: skip
 
 
@@ -88,6 +95,7 @@ class Job:
         overrides: Extra Hydra overrides of this job.
         expect: What the suite expects (e.g. ``"diverges"``), shown in the tables.
         variant: A note on a non-default setting, shown in the label.
+        data: Data set (for the tables when a job leaves no ``results.json``).
     """
 
     name: str
@@ -98,6 +106,7 @@ class Job:
     overrides: list[str] = field(default_factory=list)
     expect: str | None = None
     variant: str | None = None
+    data: str | None = None
 
     @property
     def label(self) -> str:
@@ -142,7 +151,7 @@ def smoke_jobs() -> list[Job]:
             expect: str | None = None, extra: Sequence[str] = (), variant: str | None = None) -> Job:
         name = "_".join(x for x in (optimizer, structure, model, precision, variant) if x).replace("=", "")
         return Job(name, optimizer, model, precision, structure, [f"model={model}", *SMOKE_COMMON, *extra],
-                   expect, variant)  # fmt: skip
+                   expect, variant, data="digits")  # fmt: skip
 
     return [
         job("singd", "vgg_small", "fp32", "diagonal"),
@@ -163,14 +172,38 @@ def smoke_jobs() -> list[Job]:
     ]
 
 
-PAPER_MODELS = ("vgg", "convmixer", "cct", "swin")
+#: The paper's suites: data set -> its models, each run as ``experiment=<data>_<model>``
+#: (singd_lightning/conf/experiment/). The SINGD paper trains VGG, ConvMixer, Compact-ViT
+#: (CCT), Swin-ViT, GC-ViT, Rep-ViT and HDVT on CIFAR-100 and ImageWoof-10, a GCN on Cora
+#: and a ViT on ImageNet-100.
+CNN_AND_VIT_MODELS = ("vgg", "convmixer", "cct", "swin", "gcvit", "repvit", "hdvt")
+PAPER_SUITES: dict[str, tuple[str, ...]] = {
+    "cifar100": CNN_AND_VIT_MODELS,
+    "imagewoof10": CNN_AND_VIT_MODELS,
+    "cora": ("gcn",),
+    "imagenet100": ("vit",),
+}
+#: Every model of a paper suite (``--models`` choices).
+PAPER_MODELS = tuple(dict.fromkeys(m for models in PAPER_SUITES.values() for m in models))
 PAPER_STRUCTURES = ("diagonal", "block_diagonal", "hierarchical")
 PAPER_PRECISIONS = ("fp32", "bf16")
+EXPERIMENT_DIR = REPO / "singd_lightning" / "conf" / "experiment"
+#: Overrides of every paper job after ``experiment=...``: one GPU, CSV logs (the per-epoch
+#: test error of the figures), no progress bar in the job's log file.
+PAPER_COMMON = ["trainer=gpu", "logger=csv", "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false"]
 
 
 def paper_jobs(data: str, models: Sequence[str], structures: Sequence[str], precisions: Sequence[str]) -> list[Job]:
-    """``experiment=<data>_<model>`` for every model x optimizer (SINGD per structure)
-    x precision, on one GPU."""
+    """``experiment=<data>_<model>`` for every model x precision x optimizer (SGD, AdamW,
+    KFAC, IKFAC, INGD, SINGD per structure), on one GPU.
+
+    Raises:
+        FileNotFoundError: A model without its ``<data>_<model>`` experiment config.
+    """
+    missing = [m for m in models if not (EXPERIMENT_DIR / f"{data}_{m}.yaml").exists()]
+    if missing:
+        raise FileNotFoundError(f"No experiment config {', '.join(f'{data}_{m}.yaml' for m in missing)} "
+                                f"in {EXPERIMENT_DIR}.")  # fmt: skip
     jobs = []
     for model in models:
         for precision in precisions:
@@ -178,28 +211,31 @@ def paper_jobs(data: str, models: Sequence[str], structures: Sequence[str], prec
             grid += [("singd", s) for s in structures]
             for optimizer, structure in grid:
                 name = "_".join(x for x in (optimizer, structure, model, precision) if x)
-                jobs.append(
-                    Job(name, optimizer, model, precision, structure,
-                        [f"experiment={data}_{model}", "trainer=gpu", "logger=csv",
-                         "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false"])
-                )  # fmt: skip
+                overrides = [f"experiment={data}_{model}", *PAPER_COMMON]
+                jobs.append(Job(name, optimizer, model, precision, structure, overrides, data=data))
     return jobs
 
 
-SUITES = ("smoke", "cifar100", "imagewoof10", "converge")
+SUITES = ("smoke", *PAPER_SUITES, "converge")
 
 
 def suite_jobs(args: argparse.Namespace) -> list[Job]:
+    """The jobs of ``args.suite`` after the ``--optimizers`` filter and ``--limit``."""
     if args.suite == "smoke":
         jobs = smoke_jobs()
     else:
-        jobs = paper_jobs(args.suite, args.models or PAPER_MODELS, args.structures or PAPER_STRUCTURES,
+        jobs = paper_jobs(args.suite, args.models or PAPER_SUITES[args.suite], args.structures or PAPER_STRUCTURES,
                           args.precisions or PAPER_PRECISIONS)  # fmt: skip
     if args.optimizers:
         jobs = [j for j in jobs if j.optimizer in args.optimizers]
     if args.limit is not None:
         jobs = jobs[: args.limit]
     return jobs
+
+
+def job_command(job: Job, out: Path, extra: Sequence[str], python: str) -> list[str]:
+    """The ``python train.py ...`` command of a job, its run directory under ``out/runs``."""
+    return [python, str(TRAIN), *job.hydra_overrides(), *extra, f"hydra.run.dir={out / 'runs' / job.name}"]
 
 
 # ------------------------------------------------------------------ running
@@ -212,8 +248,8 @@ def run_job(job: Job, out: Path, extra: Sequence[str], python: str, timeout: flo
     results_file = run_dir / "results.json"
     if results_file.exists():
         results_file.unlink()  # never report a stale result
-    command = [python, str(TRAIN), *job.hydra_overrides(), *extra, f"hydra.run.dir={run_dir}"]
-    (run_dir / "command.txt").write_text(" ".join(command) + "\n")
+    command = job_command(job, out, extra, python)
+    (run_dir / "command.txt").write_text(shlex.join(command) + "\n")
     start = time.time()
     with open(run_dir / "stdout.log", "w") as stdout, open(run_dir / "stderr.log", "w") as stderr:
         try:
@@ -226,16 +262,20 @@ def run_job(job: Job, out: Path, extra: Sequence[str], python: str, timeout: flo
     row: dict[str, Any] = {
         "job": job.name, "label": job.label, "optimizer": job.optimizer, "model": job.model,
         "precision": job.precision, "structure": job.structure, "returncode": returncode,
-        "expect": job.expect, "run_dir": str(run_dir),
+        "expect": job.expect, "run_dir": str(run_dir), "data": job.data,
     }  # fmt: skip
     if results_file.exists():
         result = json.loads(results_file.read_text())
         for key in CSV_COLUMNS:
-            # "precision" stays the job's group option (the tables' key); what the trainer ran
-            # (results.json's "precision", e.g. bf16-mixed) goes to "trainer_precision"
-            if key in result and result[key] is not None and key not in ("run_dir", "precision"):
+            # "precision", "model" and "data" stay the job's options (the tables' keys, the same
+            # for a job that failed early); what the trainer ran (results.json's "precision",
+            # e.g. bf16-mixed, and "model", e.g. vgg16) goes to "trainer_precision" and
+            # "model_name"; results.json's data name (e.g. imagewoof) only when the job has none
+            if key in result and result[key] is not None and key not in ("run_dir", "precision", "model", "data"):
                 row[key] = result[key]
         row["trainer_precision"] = result.get("precision")
+        row["model_name"] = result.get("model")
+        row["data"] = row["data"] or result.get("data")
         row["status"] = result.get("status") or "failed"
         row["error"] = result.get("error")
     else:
@@ -273,17 +313,24 @@ def _fmt(value: Any, spec: str) -> str:
     return "–" if not math.isfinite(value) else format(value, spec)
 
 
-def _cell(row: dict[str, Any] | None) -> tuple[str, str, str]:
-    """(test error, peak memory, optimizer state) cells of a job; failed and
-    diverged runs say so instead of an error."""
+def _memory_gb(row: dict[str, Any]) -> float | None:
+    """A job's peak memory in GB (10⁹ bytes, the draft of Fig. 1's unit); results.json has MiB."""
+    mb = _number(row.get("peak_memory_mb"))
+    return None if mb is None else mb * 2**20 / 1e9
+
+
+def _paper_cell(row: dict[str, Any] | None) -> str:
+    """``test error (%) / peak memory (GB) / wall time (min)`` of a job; a failed or
+    diverged job says so instead of its error; an absent job is an empty cell."""
     if row is None:
-        return "", "", ""
-    memory = _fmt(row.get("peak_memory_mb"), ".0f")
-    state = _fmt(row.get("optimizer_state_mb"), ".2f")
-    if row["status"] in ("failed", "diverged"):
-        return row["status"], memory, state
+        return ""
     err = row.get("test_err")
-    return _fmt(None if err is None else 100 * float(err), ".1f"), memory, state
+    if row["status"] in ("failed", "diverged"):
+        first = row["status"]
+    else:
+        first = _fmt(None if err is None else 100 * float(err), ".1f")
+    wall = _number(row.get("wall_time_s"))
+    return f"{first} / {_fmt(_memory_gb(row), '.2f')} / {_fmt(None if wall is None else wall / 60, '.1f')}"
 
 
 def _ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
@@ -299,10 +346,63 @@ def _label_order(rows: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(order))
 
 
+#: A pre-publication draft of the paper's Fig. 1 (VGG on CIFAR-100, 120 epochs): per
+#: optimizer and precision, (test accuracy (%) after the last epoch, peak GPU memory (GB),
+#: run time (min)) of the best run of each of the authors' W&B sweeps (ssngd/cnn-exp).
+#: INGD is the draft's "LocalCov", SINGD its "SNGD*" (structure not named); its
+#: bfloat16 runs do not record the factors' dtype.
+DRAFT_FIG1: dict[str, dict[str, tuple[float, float, float]]] = {
+    "kfac": {"fp32": (71.20, 4.251, 71.3), "bf16": (51.41, 3.177, 61.5)},
+    "ikfac": {"fp32": (71.75, 4.702, 50.1), "bf16": (72.10, 3.229, 35.2)},
+    "ingd": {"fp32": (74.70, 5.241, 52.7), "bf16": (75.12, 3.504, 37.4)},
+    "singd": {"fp32": (74.07, 3.745, 32.9), "bf16": (74.97, 2.722, 35.6)},
+}
+DRAFT_FIG1_SOURCE = "f-dangel/singd, `plots/cache/fig1_best_runs.npy` at commit 255b3e0, drawn by `plots/fig1.py`"
+#: Where the draft of Fig. 1 is compared: (data, model) of the runs.
+DRAFT_FIG1_RUNS = ("cifar100", "vgg")
+PRECISION_ORDER = ("fp32", "bf16", "bf16-fp32-factors", "bf16-true", "fp16")
+
+
+def _data(row: dict[str, Any]) -> str:
+    return str(row.get("data") or "?")
+
+
+def _draft_reference(rows: list[dict[str, Any]]) -> list[str]:
+    """The reference table: each optimizer of the draft of Fig. 1 (labelled as such)
+    above this suite's runs of it, VGG on CIFAR-100, in the paper table's cells."""
+    data, model = DRAFT_FIG1_RUNS
+    ours = [r for r in rows if _data(r) == data and r["model"] == model]
+    precisions = _ordered(["fp32", "bf16", *(r["precision"] for r in ours)], PRECISION_ORDER)
+    lines = [
+        f"### Reference: the authors' draft of Fig. 1 ({model} on {data}, 120 epochs)", "",
+        "Rows \"(draft of Fig. 1)\": a pre-publication draft of the paper's Fig. 1, not the published "
+        f"figure; source: {DRAFT_FIG1_SOURCE}. Test error after epoch 120 of the best run of each of the "
+        "authors' hyper-parameter sweeps (ours: the experiment config's settings, untuned unless "
+        "overridden); peak memory there is W&B's `system.gpu.0.memoryAllocatedBytes` (the device's memory in "
+        "use, caching included), here PyTorch's max allocated memory; time there is the W&B run time. The "
+        "draft's INGD is its \"LocalCov\", its SINGD \"SNGD*\" (structure not named); its bfloat16 runs do "
+        "not record the factors' dtype (compare `bf16` and `bf16-fp32-factors`).", "",
+        "| optimizer | " + " | ".join(f"{model} {p}" for p in precisions) + " |",
+        "|---|" + "---:|" * len(precisions),
+    ]  # fmt: skip
+    for optimizer, draft in DRAFT_FIG1.items():
+        cells = []
+        for precision in precisions:
+            acc, memory, minutes = draft.get(precision, (None, None, None))
+            cells.append("" if acc is None else f"{100 - acc:.1f} / {memory:.2f} / {minutes:.1f}")
+        lines.append(f"| {OPTIMIZER_LABELS[optimizer]} (draft of Fig. 1) | " + " | ".join(cells) + " |")
+        for label in _label_order([r for r in ours if r["optimizer"] == optimizer]):
+            cells = [_paper_cell(next((r for r in ours if r["label"] == label and r["precision"] == p), None))
+                     for p in precisions]  # fmt: skip
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown_report(rows: list[dict[str, Any]], suite: str) -> str:
-    """The paper-style tables: test error (%), peak memory (MB) and optimizer-state
-    size (MB) per optimizer (rows) and model (columns), one table per data set and
-    precision; then every job with its status and error."""
+    """The paper's table layout: per data set, one row per optimizer (SINGD per
+    structure) and for every model and precision a cell ``test error (%) / peak memory
+    (GB) / wall time (min)``; for VGG on CIFAR-100 the draft of Fig. 1 as reference
+    rows; then every job with its status, step times, optimizer state and error."""
     lines = [f"# Suite `{suite}`", ""]
     n_ok = sum(r["status"] == "ok" for r in rows)
     lines.append(f"{len(rows)} jobs: {n_ok} ok, {sum(r['status'] == 'diverged' for r in rows)} diverged, "
@@ -310,24 +410,23 @@ def markdown_report(rows: list[dict[str, Any]], suite: str) -> str:
     kinds = {r.get("memory_kind") for r in rows if r.get("memory_kind")}
     if kinds:
         lines.append(f"Peak memory: {', '.join(sorted(kinds))} (cuda_max_allocated: GPU memory allocated "
-                     "by PyTorch; cpu_peak_rss: the process's peak resident memory).")  # fmt: skip
+                     "by PyTorch; cpu_peak_rss: the process's peak resident memory), in GB = 10⁹ bytes. "
+                     "Wall time: the whole job, start-up and test included.")  # fmt: skip
     lines.append("")
-    datas = list(dict.fromkeys(str(r.get("data") or "?") for r in rows))
-    for data in datas:
-        for precision in _ordered((r["precision"] for r in rows if str(r.get("data") or "?") == data),
-                                  ("fp32", "bf16", "bf16-true", "fp16")):  # fmt: skip
-            subset = [r for r in rows if str(r.get("data") or "?") == data and r["precision"] == precision]
-            models = list(dict.fromkeys(r["model"] for r in subset))
-            lines += [f"## {data}, {precision}: test error (%), peak memory (MB), optimizer state (MB)", ""]
-            header = "| optimizer | " + " | ".join(f"{m} err | {m} mem | {m} state" for m in models) + " |"
-            lines += [header, "|---|" + "---:|" * (3 * len(models))]
-            for label in _label_order(subset):
-                cells = []
-                for model in models:
-                    match = next((r for r in subset if r["label"] == label and r["model"] == model), None)
-                    cells += list(_cell(match))
-                lines.append(f"| {label} | " + " | ".join(cells) + " |")
-            lines.append("")
+    for data in dict.fromkeys(_data(r) for r in rows):
+        subset = [r for r in rows if _data(r) == data]
+        columns = [(m, p) for m in dict.fromkeys(r["model"] for r in subset)
+                   for p in _ordered((r["precision"] for r in subset if r["model"] == m), PRECISION_ORDER)]  # fmt: skip
+        lines += [f"## {data}: test error (%) / peak memory (GB) / wall time (min)", "",
+                  "| optimizer | " + " | ".join(f"{m} {p}" for m, p in columns) + " |",
+                  "|---|" + "---:|" * len(columns)]  # fmt: skip
+        for label in _label_order(subset):
+            cells = [_paper_cell(next((r for r in subset if r["label"] == label and r["model"] == m
+                                       and r["precision"] == p), None)) for m, p in columns]  # fmt: skip
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+        if data == DRAFT_FIG1_RUNS[0] and any(r["model"] == DRAFT_FIG1_RUNS[1] for r in subset):
+            lines += _draft_reference(subset)
     lines += ["## All jobs", "", "| job | status | test acc | best val acc | step (ms) | optimizer step (ms) | "
               "peak mem (MB) | optimizer state (MB) | wall (s) | expected | error |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
@@ -527,12 +626,13 @@ def log_report_to_wandb(rows: list[dict[str, Any]], out: Path, suite: str, plots
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=SUITES, required=True, help="which grid to run")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: results/<suite>)")
     parser.add_argument("--limit", type=int, default=None, help="run only the first N jobs (default: all)")
     parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZER_LABELS),
                         help=f"only these optimizers (default: all: {' '.join(OPTIMIZER_LABELS)})")
+    suite_models = "; ".join(f"{suite}: {' '.join(models)}" for suite, models in PAPER_SUITES.items())
     parser.add_argument("--models", nargs="+", choices=PAPER_MODELS,
-                        help=f"paper suites: only these models (default: {' '.join(PAPER_MODELS)})")
+                        help=f"paper suites: only these models (default: the suite's: {suite_models})")
     parser.add_argument("--structures", nargs="+",
                         help=f"paper suites: SINGD structures (default: {' '.join(PAPER_STRUCTURES)})")
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "bf16-fp32-factors", "bf16-true", "fp16"),
@@ -562,7 +662,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                help="also write the best settings into the app's conf/tuned (default: only OUT/tuned)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from OUT/results.csv")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.models and args.suite in PAPER_SUITES:
+        others = [m for m in args.models if m not in PAPER_SUITES[args.suite]]
+        if others:
+            parser.error(f"--models: {' '.join(others)} not in the {args.suite} suite; choose from "
+                         f"{' '.join(PAPER_SUITES[args.suite])}.")  # fmt: skip
+    if args.out is None:
+        args.out = Path("results") / args.suite
+    return args
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -603,6 +711,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return converge.run_suite(converge_budget(args), out, jobs=args.jobs, python=args.python,
                                   timeout=args.timeout, extra=args.override, write_tuned_into=tuned,
                                   dry_run=args.dry_run, colors=OPTIMIZER_COLORS)  # fmt: skip
+    if args.dry_run and not args.report_only:
+        for job in suite_jobs(args):
+            print(shlex.join(job_command(job, out, args.override, args.python)))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         rows = _read_rows(out / "results.csv")
@@ -611,11 +723,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_report_to_wandb(rows, out, args.suite, plots, args.wandb)
         return 0
     jobs = suite_jobs(args)
-    if args.dry_run:
-        for job in jobs:
-            print(" ".join([args.python, str(TRAIN), *job.hydra_overrides(), *args.override,
-                            f"hydra.run.dir={out / 'runs' / job.name}"]))  # fmt: skip
-        return 0
     rows = []
     for i, job in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {job.name} ...", flush=True)

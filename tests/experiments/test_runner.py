@@ -55,9 +55,10 @@ def test_smoke_suite_end_to_end(tmp_path: Path) -> None:
         if r["status"] == "ok":
             assert 0 <= float(r["test_err"]) <= 1
     report = (out / "results.md").read_text()
-    assert "| SINGD-Diag | " in report and "| SGD (lr=1e6) | diverged |" in report
+    assert "| SINGD-Diag | " in report and "| SGD (lr=1e6) | diverged / " in report
     assert "| KFAC | " in report
-    assert "## digits, fp32" in report and "## digits, bf16-true" in report
+    assert "## digits: test error (%) / peak memory (GB) / wall time (min)" in report
+    assert "| optimizer | vgg_small fp32 | vgg_small bf16-true |" in report
     for png in ("test_error_digits_vgg_small_fp32.png", "test_error_digits_vgg_small_bf16-true.png", "memory.png"):
         assert (out / png).read_bytes().startswith(PNG), png
     for r in rows:
@@ -75,10 +76,12 @@ def test_failed_and_diverged_jobs_show_in_the_table(tmp_path: Path) -> None:
         {"job": "c", "label": "AdamW", "optimizer": "adamw", "model": "vgg", "precision": "bf16", "data": "cifar100",
          "status": "diverged", "peak_memory_mb": 900.0, "run_dir": str(tmp_path / "c")},
     ]  # fmt: skip
+    rows[0]["wall_time_s"] = 90.0
     report = runner.markdown_report(rows, "cifar100")
-    assert "| AdamW | diverged | 900 |" in report
-    assert "| KFAC | failed | – |" in report
-    assert "| SINGD-Diag | 30.0 | 1000 | 1.50 |" in report
+    # test error (%) / peak memory (GB = 1e9 bytes; results.json has MiB) / wall time (min)
+    assert "| AdamW | diverged / 0.94 / – |" in report
+    assert "| KFAC | failed / – / – |" in report
+    assert "| SINGD-Diag | 30.0 / 1.05 / 1.5 |" in report
     assert "RuntimeError: boom" in report
     assert report.index("| AdamW |") < report.index("| KFAC |") < report.index("| SINGD-Diag |")  # paper order
     runner.report(rows, tmp_path, "cifar100")  # plots with missing logs still render
@@ -90,11 +93,12 @@ def test_failed_and_diverged_jobs_show_in_the_table(tmp_path: Path) -> None:
 def test_paper_suites_dry_run(suite: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert runner.main(["--suite", suite, "--out", str(tmp_path), "--dry-run"]) == 0
     commands = capsys.readouterr().out.strip().splitlines()
-    # 4 models x 2 precisions x (SGD, AdamW, KFAC, IKFAC, INGD + SINGD x 3 structures)
-    assert len(commands) == 4 * 2 * 8
-    for model in ("vgg", "convmixer", "cct", "swin"):
+    models = ("vgg", "convmixer", "cct", "swin", "gcvit", "repvit", "hdvt")  # the paper's list
+    # 7 models x 2 precisions x (SGD, AdamW, KFAC, IKFAC, INGD + SINGD x 3 structures)
+    assert len(commands) == 7 * 2 * 8
+    for model in models:
         assert sum(f"experiment={suite}_{model} " in c for c in commands) == 16
-    assert sum("optimizer=singd" in c for c in commands) == 4 * 2 * 3
+    assert sum("optimizer=singd" in c for c in commands) == 7 * 2 * 3
     assert all("trainer=gpu" in c and "hydra.run.dir=" in c for c in commands)
     assert runner.main(["--suite", suite, "--out", str(tmp_path), "--dry-run", "--models", "cct",
                         "--optimizers", "singd", "--structures", "hierarchical", "--precisions", "bf16"]) == 0

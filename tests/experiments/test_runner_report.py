@@ -99,7 +99,9 @@ def test_help_shows_the_real_defaults(capsys: pytest.CaptureFixture) -> None:
         runner.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: diagonal block_diagonal hierarchical)" in text
-    assert "(default: fp32 bf16)" in text and "(default: vgg convmixer cct swin)" in text
+    assert "(default: fp32 bf16)" in text and "(default: results/<suite>)" in text
+    assert ("(default: the suite's: cifar100: vgg convmixer cct swin gcvit repvit hdvt; imagewoof10: vgg convmixer "
+            "cct swin gcvit repvit hdvt; cora: gcn; imagenet100: vit)") in text
     assert "default: None" not in text
 
 
