@@ -378,10 +378,11 @@ def _draft_reference(rows: list[dict[str, Any]]) -> list[str]:
         "Rows \"(draft of Fig. 1)\": a pre-publication draft of the paper's Fig. 1, not the published "
         f"figure; source: {DRAFT_FIG1_SOURCE}. Test error after epoch 120 of the best run of each of the "
         "authors' hyper-parameter sweeps (ours: the experiment config's settings, untuned unless "
-        "overridden); peak memory there is W&B's `system.gpu.0.memoryAllocatedBytes` (the device's memory in "
-        "use, caching included), here PyTorch's max allocated memory; time there is the W&B run time. The "
-        "draft's INGD is its \"LocalCov\", its SINGD \"SNGD*\" (structure not named); its bfloat16 runs do "
-        "not record the factors' dtype (compare `bf16` and `bf16-fp32-factors`).", "",
+        "overridden); peak memory there is W&B's `system.gpu.0.memoryAllocatedBytes` (the device's "
+        "memory in use: PyTorch's cache and the CUDA context included), here PyTorch's max allocated "
+        "memory; time there is the W&B run time. The draft's INGD is its \"LocalCov\", its SINGD "
+        "\"SNGD*\" (structure not named); its bfloat16 runs do not record the factors' dtype (compare "
+        "`bf16` and `bf16-fp32-factors`).", "",
         "| optimizer | " + " | ".join(f"{model} {p}" for p in precisions) + " |",
         "|---|" + "---:|" * len(precisions),
     ]  # fmt: skip
