@@ -81,6 +81,7 @@ def test_one_channel_input_and_fallback_of_the_non_kronecker_modules() -> None:
     [
         ("hdvt_tiny_32", 32, 100, 5.9e6, 6.1e6),
         ("hdvt_tiny_128", 128, 10, 5.9e6, 6.1e6),
+        ("hdvt_small_32", 32, 100, 23.3e6, 23.6e6),
         ("repvit_m0_9", 32, 10, 4.6e6, 4.8e6),
         ("gcvit_xxtiny_32", 32, 100, 11.3e6, 11.6e6),
     ],
