@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from singd_lightning.app.pipeline import build_module
 from singd_lightning.lightning.schedulers import WarmupCosineLR
 from singd_lightning.optim import IKFAC, INGD, KFAC, SINGD
-from singd_lightning.optim.schedules import LrCovWarmup
+from singd_lightning.optim.schedules import AUTHORS_WARMUPS, LrCovWarmup
 from tests.app.helpers import compose_cfg
 
 #: The experiments of this recipe: per model family its schedule and augmentation.
@@ -45,7 +45,8 @@ def test_paper_experiment_recipe(experiment: str, tmp_path: Path) -> None:
     assert isinstance(optimizer, KFAC)
     assert (group["damping_mode"], group["stat_decay"], group["factor_init"]) == ("per_factor", None, "identity")
     assert (group["weight_decay_start"], group["fallback_weight_decay"]) == ("auto", None)
-    assert group["lr_cov"] == LrCovWarmup(1e-2)  # the β₁ warm-up, through stat_decay = 1 − lr_cov
+    # the authors' KFAC β₁ warm-up, through stat_decay = 1 − lr_cov
+    assert group["lr_cov"] == LrCovWarmup(1e-2, *AUTHORS_WARMUPS["authors_kfac_warmup"])
     datamodule = hydra.utils.instantiate(cfg.data)
     augmentation = datamodule.augmentation
     if family == "cnn":
@@ -81,7 +82,8 @@ def test_recipe_changes_only_the_kronecker_methods(name: str, cls: type) -> None
     else:
         group = optimizer.param_groups[0]
         assert (group["weight_decay_start"], group["fallback_weight_decay"]) == ("auto", None)
-        assert group["lr_cov"] == LrCovWarmup(cfg.optimizer.lr_cov)
+        warmup = AUTHORS_WARMUPS["authors_kfac_warmup" if name == "kfac" else "authors_warmup"]
+        assert group["lr_cov"] == LrCovWarmup(cfg.optimizer.lr_cov, *warmup)
 
 
 def test_recipe_none_keeps_todays_defaults_and_overrides_win() -> None:

@@ -323,11 +323,16 @@ def test_factor_init_is_a_per_group_option():
 
 # --------------------------------------------------------------- schedules
 def test_authors_warmup_values_and_pickling():
+    # the authors' wrappers: "steps <= 500" etc., steps taken before this one
     schedule = lr_cov_warmup(0.01)
-    assert [schedule(s) for s in (0, 499, 500, 999, 1000, 1999, 2000, 10**6)] == pytest.approx(
+    assert [schedule(s) for s in (0, 500, 501, 1000, 1001, 2000, 2001, 10**6)] == pytest.approx(
         [1e-6, 1e-6, 1e-4, 1e-4, 1e-3, 1e-3, 1e-2, 1e-2]
     )
     assert pickle.loads(pickle.dumps(schedule)) == schedule
+    kfac = apply_lr_cov_schedule({"lr_cov": 0.01, "lr_cov_schedule": "authors_kfac_warmup"})["lr_cov"]
+    assert [kfac(s) for s in (500, 501, 1000, 1001, 1500, 1501, 2000, 2001)] == pytest.approx(
+        [1e-6, 1e-5, 1e-5, 1e-4, 1e-4, 1e-3, 1e-3, 1e-2]
+    )
 
 
 @pytest.mark.parametrize(
@@ -350,7 +355,7 @@ def test_lr_cov_schedule_option_in_the_factory():
     assert optimizer.param_groups[0]["lr_cov"] == LrCovWarmup(0.05)
     assert build_optimizer(_model(), "ikfac", lr_cov_schedule="authors_warmup").param_groups[0]["lr_cov"](0) == pytest.approx(1e-6)
     assert build_optimizer(_model(), "singd", lr_cov_schedule=None).param_groups[0]["lr_cov"] == 1e-2
-    with pytest.raises(ValueError, match=r"lr_cov_schedule must be null or one of \['authors_warmup'\]"):
+    with pytest.raises(ValueError, match=r"lr_cov_schedule must be null or one of \['authors_warmup', 'authors_kfac_warmup'\]"):
         apply_lr_cov_schedule({"lr_cov_schedule": "cosine"})
     # The state holds a placeholder and the loading optimizer keeps its schedule.
     state = optimizer.state_dict()
