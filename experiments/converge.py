@@ -130,7 +130,9 @@ class Method:
 #: shared with other work (where the wall time was several times the CPU time, the
 #: wall time of a quiet machine), rounded up. The text epochs are cut to 50 steps, so
 #: that validations (the resolution of steps-to-target) come every 50 steps and the
-#: runs fit the budget.
+#: runs fit the budget. The text target, 3.5 bits per byte, is a quarter below the
+#: unigram baseline (4.71): in the budget's 200 steps no tuned method reached 3.0
+#: (AdamW's best validation was 3.22).
 WORKLOADS: tuple[Workload, ...] = (
     Workload("digits-vgg", ("data=digits", "model=vgg_small"), "digits", "val/acc", "max", 0.95,
              "val/acc_best", "test/acc", epochs=10, epoch_s=0.7),
@@ -138,7 +140,7 @@ WORKLOADS: tuple[Workload, ...] = (
              "val/acc_best", "test/acc", epochs=15, epoch_s=0.5, bf16_factor=3.6),
     Workload("mnist1d-cnn1d", ("data=mnist1d", "model=cnn1d"), "mnist1d", "val/acc", "max", 0.90,
              "val/acc_best", "test/acc", epochs=6, epoch_s=1.5, bf16_factor=1.5, tunes=False),
-    Workload("text-gpt", ("experiment=text_gpt", "trainer.limit_train_batches=50"), "text", "val/bpb", "min", 3.0,
+    Workload("text-gpt", ("experiment=text_gpt", "trainer.limit_train_batches=50"), "text", "val/bpb", "min", 3.5,
              "val/loss_best", "test/bpb", epochs=4, epoch_s=6.0, bf16_factor=2.0,
              requires=("experiment/text_gpt.yaml", "data/text.yaml", "model/gpt.yaml")),
 )  # fmt: skip
@@ -800,6 +802,33 @@ def write_tuned_files(rows: Sequence[dict[str, Any]], workloads: Sequence[Worklo
                 written.append(write_tuned(directory, w.data, m.optimizer, tuned_params(m, best),
                                            tuned_comment(w, m, budget, best)))  # fmt: skip
     return written
+
+
+def rebuild_report(budget: Budget, out: Path, *, write_tuned_into: Path | None = None,
+                   colors: Mapping[str, str] | None = None) -> int:  # fmt: skip
+    """Rebuild the report and tuned files of a finished suite in ``out`` from its
+    runs on disk (``out/runs``), with today's workload table (targets) and methods.
+
+    Raises:
+        FileNotFoundError: ``out`` holds no runs.
+    """
+    if not (out / "runs").is_dir():
+        raise FileNotFoundError(f"{out / 'runs'} does not exist: there is no converge suite to report in {out}.")
+    workloads, methods, notes = select(budget)
+    rows: list[dict[str, Any]] = []
+    for w in workloads:
+        for m in methods:
+            base = out / "runs" / w.name / m.slug
+            rows += [run_row(d, w, m, "search", search_space(m.optimizer)) for d in job_dirs(base / "search")]
+            for precisions, _ in final_groups(budget):
+                final = (run_row(d, w, m, "final") for d in job_dirs(base / "_".join(precisions)))
+                rows += [r for r in final if r["phase"]]
+    write_report(rows, out, workloads, methods, budget, notes, colors)
+    write_tuned_files(rows, workloads, methods, budget, out / "tuned")
+    if write_tuned_into is not None:
+        write_tuned_files(rows, workloads, methods, budget, write_tuned_into)
+    print(f"converge: report rebuilt from {len(rows)} runs: {out / 'results.md'}", flush=True)
+    return 0
 
 
 def run_suite(budget: Budget, out: Path, *, jobs: int = 2, python: str = sys.executable, timeout: float | None = None,

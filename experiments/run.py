@@ -662,7 +662,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     converge_args.add_argument("--write-tuned", action="store_true",
                                help="also write the best settings into the app's conf/tuned (default: only OUT/tuned)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
-    parser.add_argument("--report-only", action="store_true", help="rebuild the report from OUT/results.csv")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from OUT/results.csv (converge: from the runs in OUT/runs, with the current targets)")
     args = parser.parse_args(argv)
     if args.models and args.suite in PAPER_SUITES:
         others = [m for m in args.models if m not in PAPER_SUITES[args.suite]]
@@ -705,10 +705,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out: Path = args.out.resolve()
     if args.suite == "converge":
-        if args.report_only:
-            raise SystemExit("Error: --report-only is for the grid suites; the converge suite rewrites its "
-                             "report after every (workload, method).")  # fmt: skip
         tuned = converge.config_dir() / "tuned" if args.write_tuned else None
+        if args.report_only:
+            if not (out / "runs").is_dir():
+                raise SystemExit(f"Error: --report-only needs a finished converge suite in --out; {out / 'runs'} "
+                                 "does not exist.")  # fmt: skip
+            return converge.rebuild_report(converge_budget(args), out, write_tuned_into=tuned, colors=OPTIMIZER_COLORS)
         return converge.run_suite(converge_budget(args), out, jobs=args.jobs, python=args.python,
                                   timeout=args.timeout, extra=args.override, write_tuned_into=tuned,
                                   dry_run=args.dry_run, colors=OPTIMIZER_COLORS)  # fmt: skip

@@ -59,6 +59,19 @@ def test_quick_suite_end_to_end(tmp_path: Path) -> None:
     assert [p.name for p in (out / "tuned").iterdir()] == ["mnist1d_adamw.yaml"]
     assert "optimizer" in OmegaConf.load(out / "tuned" / "mnist1d_adamw.yaml")
     assert _tree(CONF / "tuned") == shipped
+    # --report-only rebuilds the same report from the runs on disk
+    before = (out / "converge.csv").read_text()
+    for name in ("converge.csv", "results.md", "converge_mnist1d-mlp.png"):
+        (out / name).unlink()
+    assert runner.main(["--suite", "converge", "--quick", "--out", str(out), "--report-only"]) == 0
+    assert (out / "results.md").read_text() == report
+    assert sorted((out / "converge.csv").read_text().splitlines()) == sorted(before.splitlines())
+    assert (out / "converge_mnist1d-mlp.png").read_bytes().startswith(PNG)
+
+
+def test_report_only_needs_a_finished_suite(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--report-only needs a finished converge suite"):
+        runner.main(["--suite", "converge", "--out", str(tmp_path), "--report-only"])
 
 
 def test_dry_run_prints_one_search_process_per_pair(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
