@@ -207,6 +207,16 @@ def test_best_trial_skips_diverged_and_breaks_ties_by_order() -> None:
 
 
 # ------------------------------------------------------------------ tuned files
+def test_one_tuning_method_per_optimizer_and_singd_tunes_with_its_fixed_options() -> None:
+    tuning = [m for m in converge.METHODS if m.tunes]
+    assert len({m.optimizer for m in tuning}) == len(tuning)
+    singd = next(m for m in tuning if m.optimizer == "singd")
+    params = converge.tuned_params(singd, {"params": {"optimizer.lr": 0.01}})
+    assert params == {"optimizer.lr": 0.01, "optimizer.factor_init": "warm", "optimizer.kl_clip": 0.001}
+    comment = converge.tuned_comment(MLP, singd, converge.FULL, {"best_metric": 0.7})
+    assert comment[-1] == "The variant's fixed options are part of the setting: optimizer.factor_init=warm optimizer.kl_clip=0.001."
+
+
 
 
 def test_tuned_file_writer(tmp_path: Path) -> None:
