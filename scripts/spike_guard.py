@@ -33,7 +33,7 @@ from singd_lightning.optim.base import KroneckerOptimizer
 from singd_lightning.structures.base import Structure
 
 #: Learning rates of the digits data (the 3-epoch learning-rate sweep the measurement in
-#: docs/spike-guard-cpu.json used; conf/tuned now holds the converge suite's settings).
+#: docs/spike-guard-cpu.json used; conf/tuned holds the converge suite's settings).
 LEARNING_RATES = {"singd": 0.03, "adamw": 0.01, "sgd": 0.1}
 
 
