@@ -358,9 +358,9 @@ def read_curve(run_dir: Path, metric: str) -> list[tuple[int, float, float]]:
     curve = []
     with open(path) as f:
         for rec in csv.DictReader(f):
-            value = _float(rec.get(metric))
-            steps = _float(rec.get("perf/train_steps"))
-            seconds = _float(rec.get("perf/train_time_s"))
+            value = finite_float(rec.get(metric))
+            steps = finite_float(rec.get("perf/train_steps"))
+            seconds = finite_float(rec.get("perf/train_time_s"))
             if value is not None and steps is not None and seconds is not None:
                 curve.append((int(steps), seconds, value))
     return curve
@@ -384,7 +384,7 @@ def last_value(run_dir: Path, column: str) -> float | None:
     if not path.is_file():
         return None
     with open(path) as f:
-        values = [_float(rec.get(column)) for rec in csv.DictReader(f)]
+        values = [finite_float(rec.get(column)) for rec in csv.DictReader(f)]
     return next((v for v in reversed(values) if v is not None), None)
 
 
@@ -393,8 +393,14 @@ def best_value(curve: Sequence[tuple[int, float, float]], mode: str) -> float | 
     return (max(values) if mode == "max" else min(values)) if values else None
 
 
-def _float(value: Any) -> float | None:
-    """``value`` as a finite float, else None."""
+def legend_outside(ax: Any) -> None:
+    """The legend right of the axes, so that it hides no data."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
+def finite_float(value: Any) -> float | None:
+    """``value`` (a number or its text, as in a CSV) as a finite float; None if missing
+    or not finite, so that it is never drawn or averaged as 0."""
     if value is None or value == "":
         return None
     try:
@@ -411,7 +417,7 @@ def _round(value: Any) -> Any:
         return value
     if isinstance(value, int) or (isinstance(value, str) and value.lstrip("+-").isdigit()):
         return int(value)
-    number = _float(value)
+    number = finite_float(value)
     return value if number is None else float(f"{number:.{DIGITS}g}")
 
 
@@ -446,7 +452,7 @@ def run_row(run_dir: Path, workload: Workload, method: Method, phase: str, keys:
     row["steps_to_target"], row["time_to_target_s"] = reached if reached else (None, None)
     row["test_metric"] = last_value(run_dir, workload.test_metric)
     for key in ("optimizer_state_mb", "step_time_ms", "global_step", "wall_time_s"):
-        row[key] = _float(result.get(key))
+        row[key] = finite_float(result.get(key))
     return row
 
 
@@ -648,7 +654,7 @@ def make_figures(rows: Sequence[dict[str, Any]], workloads: Sequence[Workload], 
                 ax.set_xlabel(xlabel)
                 ax.set_ylabel(f"{w.metric} ({precision})")
                 ax.grid(alpha=0.3)
-        axes[0][1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+        legend_outside(axes[0][1])
         fig.suptitle(f"{w.name}: {' '.join(w.overrides)} (target {w.target_text})")
         figures[f"converge_{w.name}.png"] = fig
     return figures

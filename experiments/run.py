@@ -492,20 +492,8 @@ def label_styles(rows: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
     return styles
 
 
-def _number(value: Any) -> float | None:
-    """``value`` as a finite float; None if missing or not finite (never drawn as 0)."""
-    if value is None or value == "":
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _legend_outside(ax: Any) -> None:
-    """The legend right of the axes, so that it hides no data."""
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+_number = converge.finite_float
+_legend_outside = converge.legend_outside
 
 
 def make_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
