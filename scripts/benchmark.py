@@ -23,7 +23,14 @@ and ends with ``torch.cuda.synchronize`` (kernels run asynchronously).
 
 Models: ``vgg`` (a small VGG), ``vgg16``, ``convmixer`` (ConvMixer-256/8), ``vit``
 (CCT-7/3x1, also ``cct``) and ``swin`` (Swin, 32 px): the paper's CIFAR-size
-models are ``vgg16 convmixer cct swin``.
+models are ``vgg16 convmixer cct swin``; ``vit_quick`` and ``vgg_quick`` are the
+small models of ``--quick``.
+
+``--quick`` is a CPU regression guard of about 30 s: the step time of KFAC and of
+SINGD (diagonal, hierarchical; ``T = 1`` and ``10``) over AdamW's on the quick
+models, on one thread, checked against ``scripts/benchmark_baseline.json``
+(exit status 1 when a ratio exceeds its baseline × ``--margin``; see
+:func:`quick_ratios`).
 
 Examples::
 
@@ -31,6 +38,7 @@ Examples::
     python scripts/benchmark.py --models vgg --T 1 10 --json bench.json
     python scripts/benchmark.py --device cuda --dtype bf16 --models vgg16 convmixer cct swin --batch-size 128
     python scripts/benchmark.py --models vgg --methods ours --compile   # torch.compile'd models
+    python scripts/benchmark.py --quick                  # the regression guard (--write-baseline)
 
 With ``--compile`` every configuration's model is wrapped in ``torch.compile``
 (``--compile-backend``, default inductor) before its optimizer is built; the
@@ -84,6 +92,10 @@ MODELS = {
     "convmixer": lambda: create_model("convmixer_256_8", num_classes=100),  # ConvMixer-256/8, 0.6M
     "swin": lambda: create_model("swin_tiny_32", num_classes=100),  # Swin for 32 px, 7.1M
     "tiny": lambda: create_model("convmixer_tiny", num_classes=100),  # smoke tests and dry runs
+    # --quick: a two-block CCT of width 128 on an 8×8 token grid (0.3M parameters), so
+    # that the optimizer's per-layer work weighs as much against the model as in CCT.
+    "vit_quick": lambda: create_model("cct_7_3x1_32", num_classes=100, depth=2, embed_dim=128, stride=2),
+    "vgg_quick": lambda: VGG([32, "M", 64, "M", 128, "M", 256, "M"], num_classes=100),  # 0.4M parameters
 }
 
 
@@ -355,14 +367,132 @@ def report(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+#: What ``--quick`` measures against AdamW: (method, structure) at each of :data:`QUICK_T`.
+QUICK_METHODS = (("kfac", ""), ("ours", "diagonal"), ("ours", "hierarchical"))
+QUICK_T = (1, 10)
+QUICK_MODELS = ("vit_quick", "vgg_quick")
+#: ``--quick`` fails when a ratio exceeds its baseline by this factor: wide enough
+#: that a busy shared 2-core machine never trips it (see the README).
+QUICK_MARGIN = 1.5
+#: The baselines ``--quick`` checks against (``--baseline``, ``--write-baseline``).
+QUICK_BASELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark_baseline.json")
+
+
+def quick_key(config: Config) -> str:
+    """The name of a ``--quick`` ratio, e.g. ``"vgg ours hierarchical T=10"``."""
+    return " ".join(x for x in (config.model, config.method, config.structure, f"T={config.T}") if x)
+
+
+def quick_ratios(models: list[str], batch_size: int, rounds: int, warmup: int) -> dict[str, float]:
+    """Step time of KFAC and of SINGD (diagonal, hierarchical; ``T = 1`` and ``10``)
+    over AdamW's, measured in this process.
+
+    All configurations of a model step in turn, ``warmup + rounds`` rounds, the
+    order rotating every round so that none always follows the same neighbour.
+    Each round gives a ratio to AdamW's step of the same round (background load
+    changes slowly, so near steps see the same); the result is the median over
+    the rounds. At ``T = 10`` it is the mean over a cycle, ``(9·plain + collecting)
+    / 10``, with the median ratio of the steps that collect nothing and that of
+    the same method's ``T = 1`` step (which collects every time), as in :func:`amortize`.
+    """
+    ratios: dict[str, float] = {}
+    for model in models:
+        configs = [Config(model, "adamw", batch_size=batch_size)] + [
+            Config(model, method, structure, T, batch_size=batch_size)
+            for method, structure in QUICK_METHODS for T in QUICK_T
+        ]
+        trainees = [_Trainee(config) for config in configs]
+        per_round: dict[str, list[float]] = {quick_key(c): [] for c in configs[1:]}
+        for r in range(warmup + rounds):
+            shift = r % len(trainees)
+            times = {}
+            for trainee in trainees[shift:] + trainees[:shift]:
+                collects = trainee.count % trainee.config.T == 0
+                trainee.step(record=True)
+                if trainee.config.T == 1 or not collects:
+                    times[id(trainee)] = trainee.times[-1]
+            if r < warmup:
+                continue
+            adamw = times[id(trainees[0])]
+            for trainee in trainees[1:]:
+                if id(trainee) in times:
+                    per_round[quick_key(trainee.config)].append(times[id(trainee)] / adamw)
+        for config in configs[1:]:
+            key = quick_key(config)
+            if not per_round[key]:
+                raise RuntimeError(f"--quick: no step of {key} collected nothing; raise --steps")
+            ratios[key] = statistics.median(per_round[key])
+        for config in configs[1:]:
+            if config.T > 1:  # the cycle's mean, with the T = 1 step as its collecting step
+                one = ratios[quick_key(Config(model, config.method, config.structure, 1))]
+                key = quick_key(config)
+                ratios[key] = ((config.T - 1) * ratios[key] + one) / config.T
+    return ratios
+
+
+def quick_regressions(ratios: dict[str, float], baseline: dict[str, float], margin: float) -> list[str]:
+    """One line per ratio above its baseline × ``margin`` (ratios without a
+    baseline are not checked)."""
+    return [
+        f"REGRESSION {key}: {ratio:.2f}× AdamW's step, baseline {baseline[key]:.2f}× "
+        f"(limit {baseline[key] * margin:.2f}× with --margin {margin})"
+        for key, ratio in ratios.items()
+        if key in baseline and ratio > baseline[key] * margin
+    ]
+
+
+def quick_main(args) -> int:
+    """``--quick``: measure :func:`quick_ratios`, then write them as the baseline
+    (``--write-baseline``) or check them against it; the exit status (1: a ratio
+    regressed, or nothing could be checked)."""
+    models = args.models or list(QUICK_MODELS)
+    baseline: dict[str, float] = {}
+    if not args.write_baseline:
+        if not os.path.exists(args.baseline):
+            print(f"--baseline {args.baseline} does not exist; write it with --quick --write-baseline.", file=sys.stderr)
+            return 1
+        with open(args.baseline) as f:
+            baseline = json.load(f)["ratios"]
+    start = time.perf_counter()
+    ratios = quick_ratios(models, args.batch_size or 16, args.steps or 15, args.warmup)
+    print(f"# --quick: {time.perf_counter() - start:.0f} s, {torch.get_num_threads()} thread(s), "
+          f"batch {args.batch_size or 16}; step time ×AdamW (median over rounds)")
+    for key, ratio in ratios.items():
+        print(f"{key:40s} {ratio:6.2f}" + (f"   baseline {baseline[key]:.2f}" if key in baseline else ""))
+    if args.write_baseline:
+        record = {
+            "note": "scripts/benchmark.py --quick: train-step time over AdamW's, measured in one process "
+                    "(rewrite with --quick --write-baseline)",
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+            "threads": torch.get_num_threads(),
+            "batch_size": args.batch_size or 16,
+            "ratios": {key: round(ratio, 3) for key, ratio in ratios.items()},
+        }
+        with open(args.baseline, "w") as f:
+            json.dump(record, f, indent=1)
+            f.write("\n")
+        print(f"wrote {args.baseline}")
+        return 0
+    if not set(ratios) & set(baseline):
+        print(f"--baseline {args.baseline} has none of the measured ratios; write it with --write-baseline.",
+              file=sys.stderr)
+        return 1
+    regressions = quick_regressions(ratios, baseline, args.margin)
+    for line in regressions:
+        print(line)
+    print("quick check: " + (f"{len(regressions)} ratio(s) regressed" if regressions else "no regression"))
+    return 1 if regressions else 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["vgg", "vit", "convmixer"], choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=list(MODELS),
+                        help="default: vgg vit convmixer (--quick: %s)" % " ".join(QUICK_MODELS))
     parser.add_argument("--structures", nargs="+", default=list(STRUCTURES), choices=list(STRUCTURES))
     parser.add_argument("--methods", nargs="+", default=["kfac", "reference", "ours"], choices=["kfac", "reference", "ours"])
     parser.add_argument("--T", nargs="+", type=int, default=[1, 10])
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    parser.add_argument("--batch-size", type=int, help="default: 64 (--quick: 16)")
+    parser.add_argument("--steps", type=int, help="timed steps per configuration (default: 5; --quick: 15 rounds)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
@@ -370,8 +500,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="write all results to this file")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (timed after --warmup)")
     parser.add_argument("--compile-backend", default="inductor", help="the torch.compile backend of --compile")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's; --quick: 1)")
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU regression guard: a minute's ratios to AdamW checked against --baseline")
+    parser.add_argument("--baseline", default=QUICK_BASELINE, help="the --quick baselines (JSON)")
+    parser.add_argument("--write-baseline", action="store_true", help="--quick: write the ratios to --baseline")
+    parser.add_argument("--margin", type=float, default=QUICK_MARGIN,
+                        help="--quick fails when a ratio exceeds its baseline times this")
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.margin <= 1:
+        parser.error(f"--margin must be above 1, got {args.margin}")
+    if (args.write_baseline or args.baseline != QUICK_BASELINE) and not args.quick:
+        parser.error("--baseline and --write-baseline belong to --quick")
+    if args.threads or args.quick:
+        # One thread: two threads on a busy 2-core machine wait for each other and
+        # slow steps down by up to 8× at random, which no margin could absorb.
+        torch.set_num_threads(args.threads or 1)
+    if args.quick:
+        if args.device != "cpu" or args.compile or args.dtype != "fp32":
+            parser.error("--quick runs on the CPU in float32, eager: drop --device, --dtype and --compile")
+        sys.exit(quick_main(args))
+    args.models = args.models or ["vgg", "vit", "convmixer"]
+    args.batch_size = args.batch_size or 64
+    args.steps = args.steps or 5
     if args.compile and args.warmup < 1:
         parser.error("--warmup must be at least 1 with --compile (the first steps compile the model)")
     if args.peak_of:
