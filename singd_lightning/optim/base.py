@@ -30,6 +30,7 @@ from singd_lightning.optim.curvature import (
     make_layer,
 )
 from singd_lightning.optim.checkpoint import CALLABLE_PLACEHOLDER, checked_state_dict
+from singd_lightning.optim.distributed import is_sharded, local, make_distributor, shard_like
 from singd_lightning.optim.fallback import FALLBACK_STEPS, momentum_step
 from singd_lightning.optim.hyperparameters import (
     check_grad_scaler,
@@ -177,7 +178,21 @@ class KroneckerOptimizer(Optimizer):
             :meth:`attach_grad_scaler`).
         init_grad_scale: The loss scale expected in the first backward pass when
             a scaler is attached later (only affects numerical range, not values).
+        distributed_work: Split the factor work across the ranks of the default
+            process group (see :mod:`~singd_lightning.optim.distributed`): each
+            layer's factors are updated (and its private state kept) by one owner
+            rank, the factors the other ranks need are shared in one collective
+            per update step. None: only where the parameters are sharded (FSDP2's
+            ``fully_shard``, which requires it); True: also with replicated
+            parameters (DDP); False: every rank does all the work (not possible
+            with sharded parameters).
     """
+
+    #: Layer-state keys that the curvature hooks read: every rank keeps them.
+    statistics_keys: tuple[str, ...] = ()
+    #: Layer-state keys that :meth:`_precondition` reads: every rank keeps them
+    #: when the gradients are replicated (DDP) and the work is distributed.
+    precondition_keys: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -195,7 +210,10 @@ class KroneckerOptimizer(Optimizer):
         kl_clip: float | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         init_grad_scale: float = 1.0,
+        distributed_work: bool | None = None,
     ) -> None:
+        if distributed_work not in (None, True, False):
+            raise ValueError(f"distributed_work must be None, True or False, got {distributed_work!r}.")
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         model = unwrap_model(model)
@@ -245,6 +263,10 @@ class KroneckerOptimizer(Optimizer):
         self.layer_state: dict[str, dict[str, Tensor]] = {}
         for layer in self.layers:
             self.layer_state[layer.name] = self._init_layer_state(layer)
+        self._distributor = make_distributor(self, distributed_work)
+        if self._distributor is not None:  # the owners keep the private state
+            for name, state in self.layer_state.items():
+                self.layer_state[name] = self._distributor.private_keys_dropped(name, state)
         # Per layer: [Σ stat(Aᵀ), Σ stat(Gᵀ)/s², Σn, ΣN] since the last step.
         self._stats: dict[str, list] = {}
         self.collector = CurvatureCollector(
@@ -374,6 +396,11 @@ class KroneckerOptimizer(Optimizer):
                 layers.append(make_layer(name, module, self.param_groups[index], has_bias, index))
         return layers
 
+    def _layer_cost(self, layer: KroneckerLayer) -> float:
+        """The relative cost of ``layer``'s factor update, to balance the owners of
+        distributed work: that of dense factors, ``d_K³ + d_o³``."""
+        return float(layer.dim_in**3 + layer.dim_out**3)
+
     def preconditioner_dtypes(self, layer: KroneckerLayer) -> tuple[torch.dtype, torch.dtype]:
         """The (K, C) factor dtypes of ``layer`` (default: the weight's dtype)."""
         dtype_k, dtype_c = layer.group["preconditioner_dtype"]
@@ -443,12 +470,15 @@ class KroneckerOptimizer(Optimizer):
     def _clear_statistics(self) -> None:
         self._stats.clear()
 
-    def _reduced_statistics(self, layers: list[KroneckerLayer]) -> dict[str, tuple[Tensor, Tensor]]:
+    def _reduced_statistics(self, layers: list[KroneckerLayer]) -> dict[str, tuple[Tensor, Tensor]] | None:
         """``(H_in, H_out)`` per layer with statistics, summed over all passes and
-        ranks, normalised as one pass over the joint batch would be (SPEC §1)."""
+        ranks, normalised as one pass over the joint batch would be (SPEC §1);
+        None if the sums over ranks are not finite (every rank finds the same)."""
         world = _world_size()
         if world > 1:
             entries = self._all_reduce(layers)
+            if entries is None:
+                return None
         else:
             entries = {layer.name: self._stats[layer.name] for layer in layers if layer.name in self._stats}
         scale = self._current_grad_scale()
@@ -470,7 +500,7 @@ class KroneckerOptimizer(Optimizer):
             reduced[layer.name] = (h_in, h_out)
         return reduced
 
-    def _all_reduce(self, layers: list[KroneckerLayer]) -> dict[str, list]:
+    def _all_reduce(self, layers: list[KroneckerLayer]) -> dict[str, list] | None:
         """Sum the statistics of all ``layers`` over ranks in one flat collective.
 
         The collective runs in the accumulators' dtype (float32 unless a
@@ -481,7 +511,9 @@ class KroneckerOptimizer(Optimizer):
         same bound as each rank's own float32 sum over its batch, which has at
         least as many terms. The counts travel in the same buffer (exact up to
         2²⁴, then rounded as the float32 divisor they become); all of them are
-        read back with one host synchronisation, not one per layer.
+        read back with one host synchronisation, not one per layer, together
+        with whether the sums are finite (None if not): the same on every rank,
+        so that all ranks skip such a step together.
         """
         accumulators = [t for layer in layers for t in self._stats.get(layer.name, [])[:2]]
         dtype = torch.float64 if any(t.dtype == torch.float64 for t in accumulators) else torch.float32
@@ -500,7 +532,9 @@ class KroneckerOptimizer(Optimizer):
         pieces.append(torch.tensor(counts, dtype=dtype, device=device))
         flat = torch.cat(pieces)
         dist.all_reduce(flat)
-        totals = flat[-len(counts):].tolist()
+        *totals, finite = torch.cat([flat[-len(counts):], _all_finite(flat).to(dtype).reshape(1)]).tolist()
+        if not finite:
+            return None
         out, offset = {}, 0
         for i, (layer, (numel_in, numel_out)) in enumerate(zip(layers, sizes)):
             acc_in = flat[offset:offset + numel_in]
@@ -554,12 +588,14 @@ class KroneckerOptimizer(Optimizer):
 
         due = [layer for layer in self.layers if self.steps % layer.group["T"] == 0]
         stats = [t for entry in self._stats.values() for t in entry[:2]]
-        if due and stats and non_finite(stats):
+        # Across ranks, the sums are checked after the reduction (all ranks agree).
+        if due and stats and _world_size() == 1 and non_finite(stats):
             return self._skip(loss, "curvature statistics")
         # Only a factor update has something to undo if the step is found invalid.
         saved = self._snapshot() if due else None
-        if due:
-            self._update_preconditioners(due)
+        if due and not self._update_preconditioners(due):
+            self._restore(saved)
+            return self._skip(loss, "curvature statistics")
 
         # Every update is computed and checked before any parameter changes.
         plans, pending_avg, clip_flags, checked = [], {}, [], []
@@ -580,7 +616,9 @@ class KroneckerOptimizer(Optimizer):
             else:
                 plans.append((group, params, None))
                 checked += [p.grad for p in params]
-        finite, clipped = _finite_and_count(checked, clip_flags)
+        finite, clipped = _finite_and_count([local(t) for t in checked], clip_flags)
+        if self._distributor is not None and self._distributor.sharded:
+            finite, clipped = self._distributor.agree(finite, clipped, local(self.layers[0].weight).device)
         if not finite:
             if saved is not None:
                 self._restore(saved)
@@ -647,25 +685,36 @@ class KroneckerOptimizer(Optimizer):
                     updates.append((layer, new_state))
         return updates, 0
 
-    def _update_preconditioners(self, layers: list[KroneckerLayer]) -> None:
+    def _update_preconditioners(self, layers: list[KroneckerLayer]) -> bool:
+        """Update the factors of ``layers`` from their statistics; False (nothing
+        changed) if the statistics summed over ranks are not finite."""
         reduced = self._reduced_statistics(layers)
+        if reduced is None:
+            return False
+        distributor = self._distributor
+        shared = list(reduced)
+        if distributor is not None:  # each rank updates the layers it owns
+            reduced = {name: value for name, value in reduced.items() if distributor.owns(name)}
         updates, clipped = self._new_layer_states(layers, reduced)
-        if not updates:
-            return
-        # One synchronisation decides which updates are valid; invalid ones
-        # (overflow in low precision) leave that layer's state untouched.
-        checks = [torch.stack([_all_finite(t) for t in new_state.values()]).all() for _, new_state in updates]
-        finite = torch.stack(checks).tolist()
+        rejected = 0
         diagnostics = {}
-        for (layer, new_state), ok in zip(updates, finite):
-            state = self.layer_state[layer.name]
-            if not ok:
-                self.rejected_preconditioner_updates += 1
-                continue
-            if self.track_diagnostics:
-                diagnostics[layer.name] = self._layer_diagnostics(layer, state, new_state)
-            # A new dict: the snapshot of this step keeps the old one intact.
-            self.layer_state[layer.name] = {**state, **new_state}
+        if updates:
+            # One synchronisation decides which updates are valid; invalid ones
+            # (overflow in low precision) leave that layer's state untouched.
+            checks = [torch.stack([_all_finite(t) for t in new_state.values()]).all() for _, new_state in updates]
+            finite = torch.stack(checks).tolist()
+            for (layer, new_state), ok in zip(updates, finite):
+                state = self.layer_state[layer.name]
+                if not ok:
+                    rejected += 1
+                    continue
+                if self.track_diagnostics:
+                    diagnostics[layer.name] = self._layer_diagnostics(layer, state, new_state)
+                # A new dict: the snapshot of this step keeps the old one intact.
+                self.layer_state[layer.name] = {**state, **new_state}
+        if distributor is not None and shared:
+            rejected, clipped = distributor.share_factors(self, shared, [rejected, clipped])
+        self.rejected_preconditioner_updates += rejected
         if clipped:
             self.clipped_factor_updates += clipped
             warnings.warn(
@@ -674,6 +723,7 @@ class KroneckerOptimizer(Optimizer):
                 stacklevel=4,
             )
         self.last_diagnostics = diagnostics
+        return True
 
     def _layer_diagnostics(self, layer: KroneckerLayer, old: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, Tensor]:
         """Cheap per-layer numbers of an accepted preconditioner update (0-dim
@@ -692,6 +742,9 @@ class KroneckerOptimizer(Optimizer):
         guard's new running norms go to ``pending_avg`` and its "clipped" flags to
         ``clip_flags``. A layer's update uses its weight's group (preconditioner,
         ``update_clip``)."""
+        if self._distributor is not None and self._distributor.sharded:
+            # The owners precondition the gathered gradients (FSDP2).
+            return self._distributor.sharded_updates(self, with_grad, pending_avg, clip_flags)
         updates: dict[int, Tensor] = {}
         # Per kl_clip value: the layers' ⟨update, gradient⟩ terms and their updates.
         kl_terms: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
@@ -701,23 +754,36 @@ class KroneckerOptimizer(Optimizer):
             # A missing weight (or bias) gradient counts as zero; only the
             # parameters that have a gradient are updated, as in torch.optim.
             grad = layer.gradient_matrix()
-            natural = self._precondition(layer, grad)
-            if layer.group["update_clip"] is not None:
-                natural = self._clip_update(layer, natural, layer.group["update_clip"], pending_avg, clip_flags)
+            natural = self._layer_update(layer, grad, pending_avg, clip_flags)
             for p, d in zip(layer.params, layer.split(natural)):
                 if id(p) in with_grad:
                     updates[id(p)] = d
             kl_clip = layer.group["kl_clip"]
             if kl_clip is not None:
                 terms, scaled = kl_terms.setdefault(kl_clip, ([], []))
-                dtype = torch.promote_types(natural.dtype, torch.float32)
-                terms.append((natural.to(dtype) * grad.to(dtype)).sum() * layer.group["lr"] ** 2)
+                terms.append(self._kl_term(layer, natural, grad))
                 scaled += [updates[id(p)] for p in layer.params if id(p) in with_grad]
         for kl_clip, (terms, scaled) in kl_terms.items():
             scale = kl_clip_scale(kl_clip, terms)
             for d in scaled:
                 d.mul_(scale.to(d.dtype))
         return updates
+
+    def _layer_update(
+        self, layer: KroneckerLayer, grad: Tensor, pending_avg: dict[str, Tensor], clip_flags: list[Tensor]
+    ) -> Tensor:
+        """The preconditioned ``(d_o, d_K)`` gradient ``grad`` of ``layer``, spike
+        guard applied (see :meth:`_clip_update`)."""
+        natural = self._precondition(layer, grad)
+        if layer.group["update_clip"] is not None:
+            natural = self._clip_update(layer, natural, layer.group["update_clip"], pending_avg, clip_flags)
+        return natural
+
+    @staticmethod
+    def _kl_term(layer: KroneckerLayer, natural: Tensor, grad: Tensor) -> Tensor:
+        """``lr² ⟨u, g⟩`` of the layer's update ``u`` and gradient ``g`` (see :func:`kl_clip_scale`)."""
+        dtype = torch.promote_types(natural.dtype, torch.float32)
+        return (natural.to(dtype) * grad.to(dtype)).sum() * layer.group["lr"] ** 2
 
     def _clip_update(
         self, layer: KroneckerLayer, natural: Tensor, clip: float, pending_avg: dict[str, Tensor], clip_flags: list[Tensor]
@@ -762,21 +828,37 @@ class KroneckerOptimizer(Optimizer):
         structures, dimensions) is stored with its factors and checked at load.
         Schedules (callables) in parameter groups are stored as a placeholder and
         kept from the loading optimizer.
+
+        With distributed work (FSDP2, or ``distributed_work=True``) it is the *full*
+        state dict, the same on every rank and in the same format as without
+        distribution (so it loads into a sharded or an unsharded optimizer, of
+        any world size): every rank must call it, since the layers' private
+        state is gathered from their owners and sharded per-parameter state
+        (``DTensor`` s) is gathered whole.
         """
         state = super().state_dict()
         for group in state["param_groups"]:
             for key, value in group.items():
                 if callable(value):
                     group[key] = CALLABLE_PLACEHOLDER
+        layers = {name: dict(layer_state) for name, layer_state in self.layer_state.items()}
+        norms = dict(self.update_norm_avg)
+        if self._distributor is not None:
+            layers, norms = self._distributor.gather_layer_state(self)
+            # New dicts: the packed entries are the optimizer's own state dicts.
+            state["state"] = {
+                index: {key: value.full_tensor() if is_sharded(value) else value for key, value in entry.items()}
+                for index, entry in sorted(state["state"].items())
+            }
         state["kronecker"] = {
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
             "clipped_updates": self.clipped_updates,
             "clipped_factor_updates": self.clipped_factor_updates,
             "grad_scale_hint": self._scale_hint,
-            "layers": {name: dict(layer_state) for name, layer_state in self.layer_state.items()},
+            "layers": layers,
             "layouts": {layer.name: self._layer_layout(layer) for layer in self.layers},
-            "update_norm_avg": dict(self.update_norm_avg),
+            "update_norm_avg": norms,
         }
         return state
 
@@ -803,6 +885,13 @@ class KroneckerOptimizer(Optimizer):
         for index, moments in float32_moments.items():
             for key, value in moments.items():
                 self.state[params[index]][key] = value.to(params[index].device)
+        if self._distributor is not None:  # a full state: this rank keeps its shards
+            for p in params:
+                if is_sharded(p):
+                    self.state[p] = {
+                        key: shard_like(value, p) if torch.is_tensor(value) and value.shape == p.shape else value
+                        for key, value in self.state[p].items()
+                    }
         for group, saved in zip(self.param_groups, callables):
             for key, value in saved.items():
                 if group.get(key) == CALLABLE_PLACEHOLDER:
@@ -811,7 +900,7 @@ class KroneckerOptimizer(Optimizer):
             layer.group = self.param_groups[layer.group_index]
         for layer in self.layers:
             current = self.layer_state[layer.name]
-            reference = next(iter(current.values()))
+            reference = next(iter(current.values()), None)
             saved = kronecker["layers"][layer.name]
             momentum = layer.group.get("alpha1", 0.0) != 0.0
             # Each tensor goes where a fresh state keeps it: host counters (KFAC's
@@ -828,9 +917,12 @@ class KroneckerOptimizer(Optimizer):
                 for key in ("m_K", "m_C"):
                     if key not in new_state and key[2:] in new_state:
                         new_state[key] = torch.zeros_like(new_state[key[2:]])
+            if self._distributor is not None:
+                new_state = self._distributor.private_keys_dropped(layer.name, new_state)
             self.layer_state[layer.name] = new_state
+        devices = {layer.name: local(layer.weight).device for layer in self.layers}
         self.update_norm_avg = {
-            name: value.to(device=self.layer_state[name][next(iter(self.layer_state[name]))].device, dtype=torch.float32)
+            name: value.to(device=devices[name], dtype=torch.float32)
             for name, value in kronecker.get("update_norm_avg", {}).items()
         }
         self.steps = int(kronecker["steps"])

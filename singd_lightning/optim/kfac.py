@@ -64,6 +64,9 @@ class KFAC(KroneckerOptimizer):
         **kwargs: Fallback and loss-scaler options.
     """
 
+    # The statistics (dense Gram matrices) need no state; preconditioning needs the inverses.
+    precondition_keys = ("A_inv", "G_inv")
+
     def __init__(
         self,
         model: nn.Module,

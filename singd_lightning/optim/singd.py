@@ -140,6 +140,10 @@ class SINGD(KroneckerOptimizer):
         >>> optimizer.zero_grad()
     """
 
+    # The hooks project the statistics with K and C; preconditioning uses them too.
+    statistics_keys = ("K", "C")
+    precondition_keys = ("K", "C")
+
     def __init__(
         self,
         model: nn.Module,

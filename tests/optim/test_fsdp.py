@@ -1,0 +1,235 @@
+"""The Kronecker optimizers on models sharded with FSDP2 (``fully_shard``, two gloo
+processes on CPU): after a few steps the full parameters equal one process on
+the joint batch, each layer's private state lives on its owner only, ranks skip
+non-finite steps together, and the full state dict resumes exactly, sharded or
+not. Also the distributed factor work under DDP (``distributed_work=True``).
+
+All configurations run in one pair of processes (starting them dominates the
+time); the single-process references run in the test process.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from singd_lightning import KFAC, SINGD
+from singd_lightning.optim.distributed import assign_owners, optimizer_state_bytes, shard_rows
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+WORLD = 2
+STEPS = 4
+BATCH = 8  # the joint batch; rank r takes samples r::WORLD
+
+# name: (optimizer class, options). Float64 models: the comparison is then
+# limited by summation order only.
+CONFIGS = {
+    "dense_T1": (SINGD, dict(lr=0.05, T=1, structures="dense", weight_decay=1e-2)),
+    "hierarchical_T2": (SINGD, dict(lr=0.05, T=2, structures="hierarchical", alpha1=0.3)),
+    "diagonal_kl": (SINGD, dict(lr=0.05, T=1, structures="diagonal", kl_clip=1e-4)),
+    "toeplitz_T1": (SINGD, dict(lr=0.05, T=1, structures="tril_toeplitz", fallback="sgd")),
+    "ikfac_T2": (SINGD, dict(lr=0.05, T=2, structures="block_diagonal", kfac_like=True)),
+    "kfac_T1": (KFAC, dict(lr=0.05, T=1, damping=1e-2)),
+    "kfac_T2": (KFAC, dict(lr=0.05, T=2, damping=1e-2, kl_clip=1e-3)),
+}
+
+
+def _model(width: int = 9) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, width), nn.LayerNorm(width),
+        nn.Linear(width, 5, bias=False),
+    ).double()
+
+
+def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(BATCH, 3, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (BATCH,), generator=g)
+
+
+def _train(model: nn.Module, optimizer, steps: range, rank: int = 0, world: int = 1) -> None:
+    for step in steps:
+        x, y = _data(step)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[rank::world]), y[rank::world]).backward()
+        optimizer.step()
+
+
+def _full(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+
+
+def _shard(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model:
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            fully_shard(module)
+    return fully_shard(model)
+
+
+def _worker(rank: int, store: str, out: str) -> None:
+    warnings.simplefilter("ignore")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for name, (cls, options) in CONFIGS.items():
+            model = _shard(_model())
+            optimizer = cls(model, **options)
+            _train(model, optimizer, range(STEPS), rank, WORLD)
+            results[name] = {
+                "params": _full(model),
+                "keys": {layer: sorted(state) for layer, state in optimizer.layer_state.items()},
+                "owners": dict(optimizer._distributor.owner),
+            }
+        # Memory: dense factors of wider layers.
+        model = _shard(_model(width=32))
+        optimizer = SINGD(model, lr=0.05, T=1, structures="dense")
+        _train(model, optimizer, range(2), rank, WORLD)
+        results["bytes"] = optimizer_state_bytes(optimizer)
+
+        # Non-finite gradients on one rank's shard only: every rank skips.
+        model = _shard(_model())
+        optimizer = SINGD(model, lr=0.05, T=2, structures="dense")
+        _train(model, optimizer, range(1), rank, WORLD)
+        before = _full(model)
+        x, y = _data(1)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[rank::WORLD]), y[rank::WORLD]).backward()
+        if rank == 0:
+            model[3].weight.grad.to_local()[0, 0] = float("nan")
+        optimizer.step()
+        results["skip"] = {"skipped": optimizer.skipped_steps, "steps": optimizer.steps,
+                           "unchanged": all(torch.equal(v, _full(model)[k]) for k, v in before.items())}
+
+        # Checkpoints: the full state dict after 2 steps, resumed sharded.
+        model = _shard(_model())
+        optimizer = SINGD(model, lr=0.05, T=1, structures="dense", alpha1=0.5)
+        _train(model, optimizer, range(2), rank, WORLD)
+        # (a copy, as a file would hold: the state refers to tensors that steps update in place)
+        state, params = copy.deepcopy(optimizer.state_dict()), _full(model)
+        _train(model, optimizer, range(2, 4), rank, WORLD)
+        resumed_model = _model()
+        resumed_model.load_state_dict(params)
+        resumed_model = _shard(resumed_model)
+        resumed = SINGD(resumed_model, lr=0.05, T=1, structures="dense", alpha1=0.5)
+        resumed.load_state_dict(copy.deepcopy(state))  # (loading keeps its "step" tensors)
+        _train(resumed_model, resumed, range(2, 4), rank, WORLD)
+        results["checkpoint"] = {"state": state, "params": params, "continued": _full(model),
+                                 "resumed": _full(resumed_model), "bytes_equal": optimizer_state_bytes(resumed) == optimizer_state_bytes(optimizer)}
+
+        # DDP: distributed factor work equals the replicated work.
+        ddp = {}
+        for mode in (False, True):
+            model = nn.parallel.DistributedDataParallel(_model())
+            optimizer = SINGD(model, lr=0.05, T=1, structures="dense", distributed_work=mode)
+            _train(model, optimizer, range(STEPS), rank, WORLD)
+            ddp[mode] = {"params": _full(model.module), "bytes": optimizer_state_bytes(optimizer),
+                         "factors": {n: s["K"].clone() for n, s in optimizer.layer_state.items()}}
+        results["ddp"] = ddp
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _assert_close(actual: dict, expected: dict) -> None:
+    for key, value in expected.items():
+        error = (actual[key] - value).norm() / value.norm()
+        assert error < 1e-9, (key, error.item())
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_sharded_training_equals_one_process_on_the_joint_batch(ranks, name):
+    cls, options = CONFIGS[name]
+    model = _model()
+    optimizer = cls(model, **options)
+    _train(model, optimizer, range(STEPS))
+    initial = _model().state_dict()
+    for rank in ranks:
+        _assert_close(rank[name]["params"], _full(model))
+    # (the steps moved every parameter: the comparison is not vacuous)
+    assert all(not torch.equal(initial[k], v) for k, v in _full(model).items())
+
+
+def test_each_layer_keeps_its_private_state_on_its_owner_only(ranks):
+    for name, (cls, _) in CONFIGS.items():
+        owners = ranks[0][name]["owners"]
+        assert owners == ranks[1][name]["owners"]
+        assert set(owners.values()) == {0, 1}  # the work is split
+        for layer, owner in owners.items():
+            owned, other = ranks[owner][name]["keys"][layer], ranks[1 - owner][name]["keys"][layer]
+            # SINGD's hooks need K and C everywhere; KFAC's statistics need nothing.
+            assert other == (["C", "K"] if cls is SINGD else [])
+            # (IKFAC has no Riemannian momenta: nothing private)
+            assert set(other) < set(owned) or (name.startswith("ikfac") and other == owned)
+
+
+def test_per_rank_optimizer_state_falls_with_sharding(ranks):
+    model = _model(width=32)
+    optimizer = SINGD(model, lr=0.05, T=1, structures="dense")
+    _train(model, optimizer, range(2))
+    unsharded = optimizer_state_bytes(optimizer)
+    for rank in ranks:
+        assert rank["bytes"] < unsharded, (rank["bytes"], unsharded)
+    assert sum(rank["bytes"] for rank in ranks) < 2 * unsharded
+
+
+def test_ranks_skip_a_step_with_non_finite_gradients_together(ranks):
+    for rank in ranks:
+        assert rank["skip"] == {"skipped": 1, "steps": 1, "unchanged": True}
+
+
+def test_full_state_dict_resumes_exactly_sharded_and_unsharded(ranks):
+    result = ranks[0]["checkpoint"]
+    assert ranks[1]["checkpoint"]["bytes_equal"] and result["bytes_equal"]
+    # The same full state on every rank, in the unsharded format.
+    for key, value in result["state"]["kronecker"]["layers"].items():
+        for k, v in value.items():
+            assert torch.equal(v, ranks[1]["checkpoint"]["state"]["kronecker"]["layers"][key][k])
+    # Resumed sharded: exactly the run that went on.
+    for rank in ranks:
+        for key, value in rank["checkpoint"]["continued"].items():
+            assert torch.equal(rank["checkpoint"]["resumed"][key], value), key
+    # Resumed by one process: the same up to summation order.
+    model = _model()
+    model.load_state_dict(result["params"])
+    optimizer = SINGD(model, lr=0.05, T=1, structures="dense", alpha1=0.5)
+    optimizer.load_state_dict(result["state"])
+    _train(model, optimizer, range(2, 4))
+    _assert_close(result["continued"], _full(model))
+    # ... and an unsharded state loads into the sharded format's checks.
+    assert optimizer.state_dict()["kronecker"]["layers"].keys() == result["state"]["kronecker"]["layers"].keys()
+
+
+def test_distributed_work_under_ddp_equals_replicated_work(ranks):
+    for rank in ranks:
+        replicated, distributed = rank["ddp"][False], rank["ddp"][True]
+        _assert_close(distributed["params"], replicated["params"])
+        for key, value in replicated["factors"].items():
+            torch.testing.assert_close(distributed["factors"][key], value, rtol=1e-12, atol=1e-14)
+        assert distributed["bytes"] < replicated["bytes"]
+
+
+def test_owners_balance_the_cost_and_shards_split_like_torch_chunk():
+    assert assign_owners([8.0, 1.0, 1.0, 6.0], 2) == [0, 1, 1, 1]
+    assert assign_owners([1.0, 1.0, 1.0], 4) == [0, 1, 2]
+    for rows in (1, 5, 7, 8):
+        for world in (1, 2, 3, 4):
+            assert shard_rows(rows, world) == [len(c) for c in torch.arange(rows).chunk(world)] + [0] * (
+                world - len(torch.arange(rows).chunk(world))
+            )
