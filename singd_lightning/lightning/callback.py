@@ -255,8 +255,11 @@ class SINGDCallback(SINGDDiagnostics):
     Under ``precision="16-mixed"`` the trainer's GradScaler is attached, so the
     curvature statistics are un-scaled exactly and inf steps leave the optimizer
     untouched. Gradient clipping clips the raw gradient before preconditioning.
-    Supported strategies: single device and DDP (``"ddp"``, ``"ddp_spawn"``, ...);
-    sharded ones (FSDP, DeepSpeed) fail in ``setup`` with an error.
+    Supported strategies: single device, DDP (``"ddp"``, ``"ddp_spawn"``, ...) and
+    ``ModelParallelStrategy`` with FSDP2 (``fully_shard`` applied in
+    ``configure_model``; the layers' factor work is split over the ranks, see
+    :mod:`singd_lightning.optim.distributed`); FSDP1 (``FSDPStrategy``) and
+    DeepSpeed fail in ``setup`` with an error.
 
     The optimizer options default to the optimizer's own defaults (None, or the
     same value); only options that differ from their default are passed on. The

@@ -1,5 +1,5 @@
-"""Which Lightning strategies the Kronecker optimizers support, and a clear error
-for the others."""
+"""Which Lightning strategies the Kronecker optimizers support (single device,
+DDP, and ``ModelParallelStrategy`` with FSDP2), and a clear error for the others."""
 
 from __future__ import annotations
 
@@ -11,35 +11,48 @@ SUPPORTED_STRATEGIES = ("auto", "single_device", "ddp", "ddp_spawn", "ddp_fork",
 def _sharded_strategy_types() -> tuple[type, ...]:
     from lightning.pytorch import strategies
 
-    names = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+    names = ("FSDPStrategy", "DeepSpeedStrategy")
     return tuple(getattr(strategies, name) for name in names if hasattr(strategies, name))
 
 
-def check_strategy(strategy: Any) -> None:
-    """Raise unless ``strategy`` replicates the whole model on every rank.
+def _model_parallel_type() -> tuple[type, ...]:
+    from lightning.pytorch import strategies
 
-    SINGD hooks the ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` layers of the model and keeps full
-    Kronecker factors of each layer; a sharded strategy (FSDP, DeepSpeed, model
-    parallel) splits the weights across ranks, so neither the hooks nor the
-    factors would see whole layers.
+    return (strategies.ModelParallelStrategy,) if hasattr(strategies, "ModelParallelStrategy") else ()
+
+
+def check_strategy(strategy: Any) -> None:
+    """Raise unless ``strategy`` is one SINGD works with.
+
+    Supported: single device, DDP (the model replicated on every rank) and
+    ``ModelParallelStrategy`` with FSDP2 (``fully_shard`` applied in the module's
+    ``configure_model`` on the ``"data_parallel"`` mesh): its parameters are
+    ``DTensor`` s sharded on dim 0, whose layers the optimizer preconditions on
+    their owner ranks (see :mod:`singd_lightning.optim.distributed`). FSDP
+    (``FSDPStrategy``, FSDP1's flat parameters) and DeepSpeed shard the weights
+    in flat buffers, which neither the hooks nor the owners can map to layers.
 
     Args:
         strategy: A Lightning ``Strategy`` instance (e.g. ``trainer.strategy``).
 
     Raises:
-        ValueError: For FSDP, DeepSpeed, model-parallel and any other strategy that
-            is neither single-device nor DDP, naming the supported strategies.
+        ValueError: For FSDP, DeepSpeed and any other strategy that is neither
+            single-device, DDP nor ``ModelParallelStrategy``, naming the
+            supported strategies.
     """
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
     sharded = isinstance(strategy, _sharded_strategy_types())
-    if sharded or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+    supported = (SingleDeviceStrategy, DDPStrategy, *_model_parallel_type())
+    if sharded or not isinstance(strategy, supported):
         raise ValueError(
             f"SINGD does not support the {type(strategy).__name__} strategy"
-            + (" (it shards the model's weights across ranks, but SINGD needs whole layers)" if sharded else "")
+            + (" (it shards the weights in flat buffers, but SINGD needs whole layers)" if sharded else "")
             + ". Supported strategies: single device ('auto') and data-parallel DDP ("
             + ", ".join(repr(name) for name in SUPPORTED_STRATEGIES[2:])
-            + "; multi-node through torchrun/SLURM works with 'ddp')."
+            + "; multi-node through torchrun/SLURM works with 'ddp'), and for sharded models "
+            "ModelParallelStrategy(data_parallel_size=..., tensor_parallel_size=1) with FSDP2's fully_shard "
+            "applied in configure_model."
         )
 
 

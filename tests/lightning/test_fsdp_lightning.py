@@ -1,0 +1,142 @@
+"""SINGDCallback under Lightning's ModelParallelStrategy with FSDP2 (``fully_shard``
+in ``configure_model``), two gloo processes on CPU: with gradient accumulation
+and clipping by the global norm, the full parameters equal one process on the
+joint batch; DeepSpeed and FSDP1 stay refused with an error naming what works."""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import DataLoader
+
+from singd_lightning.lightning import SINGDCallback, check_strategy
+from tests.lightning.helpers import QUIET, InterleavedSampler, dataset, singd_options
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+STEPS = 4
+CLIP = 0.05  # below the gradients' norm: clipping acts at every step
+
+
+class Offset(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.offset
+
+
+class ShardedModule(pl.LightningModule):
+    """Conv2d, LayerNorm, Linear and a bare parameter, sharded with ``fully_shard``
+    under ModelParallelStrategy."""
+
+    def __init__(self, batch_size: int, out_dir: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = nn.Sequential(
+            nn.Conv2d(2, 3, kernel_size=3, padding=1), nn.ReLU(), nn.Flatten(),
+            nn.LayerNorm(3 * 6 * 6), nn.Linear(3 * 6 * 6, 3), Offset(),
+        )
+        self.batch_size = batch_size
+        self.out_dir = out_dir
+
+    def configure_model(self) -> None:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+        from torch.distributed.fsdp import fully_shard
+
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            mesh = self.device_mesh["data_parallel"]
+            for module in (self.model[0], self.model[4]):
+                fully_shard(module, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self):
+        data = dataset(48)
+        sampler = InterleavedSampler(len(data), self.trainer.global_rank, self.trainer.world_size)
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
+
+    def on_train_end(self) -> None:
+        params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                  for n, p in self.named_parameters()}
+        optimizer = self.trainer.optimizers[0]
+        torch.save({"params": params, "steps": optimizer.steps, "world_size": self.trainer.world_size,
+                    "sharded": optimizer._distributor is not None},
+                   Path(self.out_dir) / f"rank{self.trainer.global_rank}.pt")
+
+
+def _fit(out_dir: str, devices: int, batch_size: int, accumulate: int) -> None:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1) if devices > 1 else "auto"
+    trainer = pl.Trainer(
+        **{**QUIET, "devices": devices},
+        strategy=strategy,
+        precision="32-true",
+        max_steps=STEPS,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=CLIP,
+        gradient_clip_algorithm="norm",
+        use_distributed_sampler=False,
+        callbacks=[SINGDCallback(**singd_options(T=2))],
+    )
+    trainer.fit(ShardedModule(batch_size, out_dir))
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    warnings.simplefilter("ignore")
+    # The processes exist already: Lightning's environment reads them from here.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    _fit(out_dir, devices=2, batch_size=4, accumulate=2)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_model_parallel_fsdp2_equals_one_process_on_the_joint_batch(tmp_path):
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    sharded.mkdir()
+    single.mkdir()
+    mp.spawn(_worker, args=(_free_port(), str(sharded)), nprocs=2, join=True)
+    # Two ranks with micro-batches of 4, accumulating 2: one process with 16.
+    _fit(str(single), devices=1, batch_size=16, accumulate=1)
+    ranks = [torch.load(sharded / f"rank{r}.pt") for r in range(2)]
+    reference = torch.load(single / "rank0.pt")
+    assert [r["world_size"] for r in ranks] == [2, 2] and all(r["sharded"] for r in ranks)
+    assert ranks[0]["steps"] == reference["steps"] == STEPS
+    initial = ShardedModule(4, "").state_dict()
+    for name, value in reference["params"].items():
+        assert not torch.equal(value, initial[name]), name
+        for rank in ranks:
+            error = (rank["params"][name] - value).norm() / value.norm()
+            assert error < 1e-4, (name, error.item())
+
+
+def test_deepspeed_and_fsdp1_are_refused_naming_what_works():
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    for strategy in (FSDPStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy)):
+        with pytest.raises(ValueError, match=r"flat buffers.*'ddp'.*ModelParallelStrategy.*fully_shard"):
+            check_strategy(strategy)
