@@ -19,6 +19,7 @@ from torchmetrics import MaxMetric, MeanMetric, MinMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from singd_lightning.lightning import configure_singd
+from singd_lightning.lightning.strategy import shard_for_strategy
 
 #: Index of the test set among the validation loaders when the test error is
 #: tracked every epoch (see :func:`singd_lightning.app.train.build_datamodule`).
@@ -194,6 +195,11 @@ class ImageClassifier(L.LightningModule):
         self.log("test/loss", loss, sync_dist=True, batch_size=n)
         self._log_bits("test/bpb", loss, n)
         self.log("test/acc", self.test_acc)
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (``trainer=fsdp``), shard the network with
+        FSDP2 (see :func:`~singd_lightning.lightning.strategy.shard_for_strategy`)."""
+        shard_for_strategy(self.net, self.trainer.strategy)
 
     def configure_optimizers(self) -> dict[str, Any]:
         return configure_singd(

@@ -56,4 +56,29 @@ def check_strategy(strategy: Any) -> None:
         )
 
 
-__all__ = ["SUPPORTED_STRATEGIES", "check_strategy"]
+def shard_for_strategy(net: Any, strategy: Any) -> bool:
+    """Under ``ModelParallelStrategy``, shard ``net`` with FSDP2 on the strategy's
+    ``"data_parallel"`` mesh: each ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``/
+    ``nn.Embedding`` its own unit (its weights gathered only around its own
+    forward and backward), then the rest of ``net``. For a module's
+    ``configure_model``; a no-op under other strategies and for a ``net`` that
+    is already sharded (``configure_model`` runs again for a test after a fit).
+
+    Returns:
+        Whether ``net`` was sharded now.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from singd_lightning.optim.curvature import SUPPORTED_MODULES
+
+    if not isinstance(strategy, _model_parallel_type()) or isinstance(net, FSDPModule):
+        return False
+    mesh = strategy.device_mesh["data_parallel"]
+    for module in net.modules():
+        if isinstance(module, SUPPORTED_MODULES) and module is not net:
+            fully_shard(module, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    return True
+
+
+__all__ = ["SUPPORTED_STRATEGIES", "check_strategy", "shard_for_strategy"]

@@ -165,7 +165,7 @@ class LayerDistributor:
                 flat = torch.cat([t.to(device) for t in mine])
                 chunk[: flat.numel()] = flat
             gathered = torch.empty(width * self.world, dtype=dtype, device=device)
-            dist.all_gather_into_tensor(gathered, chunk)
+            _all_gather(gathered, chunk)
             for rank, owned in enumerate(per_rank):
                 offset = rank * width
                 for name, key, value in owned:
@@ -344,6 +344,13 @@ def shard_like(value: Tensor, p: Tensor) -> Tensor:
     start = sum(rows[:rank])
     part = value[start:start + rows[rank]].to(device=local(p).device).clone()
     return DTensor.from_local(part, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def _all_gather(output: Tensor, chunk: Tensor) -> None:
+    """All ranks' equal-sized ``chunk`` s, concatenated into ``output``."""
+    # (all_gather_single replaces the deprecated all_gather_into_tensor where it exists)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, chunk)
 
 
 def _common_dtype(tensors: list[Tensor]) -> torch.dtype:

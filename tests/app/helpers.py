@@ -27,7 +27,7 @@ GROUP_OPTIONS: dict[str, set[str]] = {
     "model": {"vgg", "convmixer", "cct", "swin", "vgg_small", "convmixer_tiny", "cct_tiny", "swin_nano", "timm",
               "mlp", "cnn1d", "gcvit", "repvit", "hdvt", "gcn", "vit", "gpt"},
     "data": {"cifar100", "imagewoof10", "digits", "mnist1d", "cora", "imagenet100", "text", "synthetic_cifar"},
-    "trainer": {"default", "cpu", "gpu", "ddp"},
+    "trainer": {"default", "cpu", "gpu", "ddp", "fsdp"},
     "logger": {"csv", "wandb", "many_loggers"},
     "experiment": {
         f"{data}_{model}" for data in ("cifar100", "imagewoof10") for model in ("vgg", "convmixer", "cct", "swin", "gcvit", "repvit", "hdvt")

@@ -162,18 +162,24 @@ def test_scheduler_options(option: str) -> None:
 @pytest.mark.parametrize("option", _params("trainer"))
 def test_trainer_options(option: str, tmp_path: Path) -> None:
     overrides = [f"trainer={option}", f"paths.output_dir={tmp_path}"]
-    if option in ("gpu", "ddp") and not torch.cuda.is_available():
+    if option in ("gpu", "ddp", "fsdp") and not torch.cuda.is_available():
         cfg = compose_cfg(overrides)
         assert cfg.trainer.accelerator == "gpu"
         overrides += ["trainer.accelerator=cpu"]
         if option == "ddp":
             overrides += ["trainer.devices=2", "trainer.sync_batchnorm=false"]
+        if option == "fsdp":
+            overrides += ["trainer.devices=2"]
     cfg = compose_cfg(overrides)
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
     assert isinstance(trainer, L.Trainer)
     if option == "ddp":
         assert type(trainer.strategy).__name__ == "DDPStrategy"
         assert trainer.num_devices == cfg.trainer.devices
+    if option == "fsdp":  # FSDP2 over all devices, no tensor parallelism
+        assert type(trainer.strategy).__name__ == "ModelParallelStrategy"
+        assert trainer.num_devices == cfg.trainer.devices
+        assert (trainer.strategy._data_parallel_size, trainer.strategy._tensor_parallel_size) == (cfg.trainer.devices, 1)
 
 
 @pytest.mark.parametrize("option", _params("logger"))

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from singd_lightning.lightning import SINGDCallback, check_strategy
+from singd_lightning.lightning.strategy import shard_for_strategy
 from tests.lightning.helpers import QUIET, InterleavedSampler, dataset, singd_options
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -51,14 +52,7 @@ class ShardedModule(pl.LightningModule):
         self.out_dir = out_dir
 
     def configure_model(self) -> None:
-        from lightning.pytorch.strategies import ModelParallelStrategy
-        from torch.distributed.fsdp import fully_shard
-
-        if isinstance(self.trainer.strategy, ModelParallelStrategy):
-            mesh = self.device_mesh["data_parallel"]
-            for module in (self.model[0], self.model[4]):
-                fully_shard(module, mesh=mesh)
-            fully_shard(self.model, mesh=mesh)
+        self.sharded_now = shard_for_strategy(self.model, self.trainer.strategy)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -77,7 +71,9 @@ class ShardedModule(pl.LightningModule):
                   for n, p in self.named_parameters()}
         optimizer = self.trainer.optimizers[0]
         torch.save({"params": params, "steps": optimizer.steps, "world_size": self.trainer.world_size,
-                    "sharded": optimizer._distributor is not None},
+                    "sharded": optimizer._distributor is not None, "sharded_now": self.sharded_now,
+                    # a second configure_model (a test after the fit) leaves the model as it is
+                    "sharded_again": shard_for_strategy(self.model, self.trainer.strategy)},
                    Path(self.out_dir) / f"rank{self.trainer.global_rank}.pt")
 
 
@@ -124,7 +120,8 @@ def test_model_parallel_fsdp2_equals_one_process_on_the_joint_batch(tmp_path):
     _fit(str(single), devices=1, batch_size=16, accumulate=1)
     ranks = [torch.load(sharded / f"rank{r}.pt") for r in range(2)]
     reference = torch.load(single / "rank0.pt")
-    assert [r["world_size"] for r in ranks] == [2, 2] and all(r["sharded"] for r in ranks)
+    assert [r["world_size"] for r in ranks] == [2, 2] and all(r["sharded"] and r["sharded_now"] for r in ranks)
+    assert not any(r["sharded_again"] for r in ranks) and not reference["sharded_now"]
     assert ranks[0]["steps"] == reference["steps"] == STEPS
     initial = ShardedModule(4, "").state_dict()
     for name, value in reference["params"].items():
