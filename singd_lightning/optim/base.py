@@ -396,6 +396,12 @@ class KroneckerOptimizer(Optimizer):
                 layers.append(make_layer(name, module, self.param_groups[index], has_bias, index))
         return layers
 
+    def _shared_keys(self, layer: KroneckerLayer, sharded: bool) -> tuple[str, ...]:
+        """The layer-state keys every rank keeps under distributed work: those the
+        hooks read, and with replicated gradients those :meth:`_precondition` reads."""
+        keys = self.statistics_keys if sharded else self.statistics_keys + self.precondition_keys
+        return tuple(dict.fromkeys(keys))
+
     def _layer_cost(self, layer: KroneckerLayer) -> float:
         """The relative cost of ``layer``'s factor update, to balance the owners of
         distributed work: that of dense factors, ``d_K³ + d_o³``."""
@@ -718,8 +724,9 @@ class KroneckerOptimizer(Optimizer):
         if clipped:
             self.clipped_factor_updates += clipped
             warnings.warn(
-                "A factor update exceeded max_factor_step (a loss spike?): its step was scaled "
-                "down to that bound; see clipped_factor_updates.",
+                "A factor update exceeded max_factor_step (a loss spike, or statistics that vary "
+                "much from batch to batch, as with small batches): its step was scaled down to "
+                "that bound; see clipped_factor_updates.",
                 stacklevel=4,
             )
         self.last_diagnostics = diagnostics
@@ -902,6 +909,8 @@ class KroneckerOptimizer(Optimizer):
             current = self.layer_state[layer.name]
             reference = next(iter(current.values()), None)
             saved = kronecker["layers"][layer.name]
+            if self._distributor is not None:  # what this rank keeps of a full state
+                saved = self._distributor.private_keys_dropped(layer.name, saved)
             momentum = layer.group.get("alpha1", 0.0) != 0.0
             # Each tensor goes where a fresh state keeps it: host counters (KFAC's
             # ``updates``) stay on the host, so reading them is no device sync.

@@ -27,7 +27,6 @@ state dict.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -106,17 +105,19 @@ class LayerDistributor:
     Args:
         layers: The optimizer's Kronecker layers (the same list on every rank).
         costs: A factor-update cost per layer, to balance the owners.
-        shared_keys: The layer-state keys every rank keeps for every layer; the
-            other keys live on the layer's owner only.
+        shared_keys: Per layer, the state keys every rank keeps; the other keys
+            live on the layer's owner only.
         sharded: Whether the parameters are sharded ``DTensor`` s (FSDP2): the
             owners then also precondition the gradients.
     """
 
-    def __init__(self, layers: list[KroneckerLayer], costs: list[float], shared_keys: Iterable[str], sharded: bool) -> None:
+    def __init__(
+        self, layers: list[KroneckerLayer], costs: list[float], shared_keys: dict[str, tuple[str, ...]], sharded: bool
+    ) -> None:
         self.world = dist.get_world_size()
         self.rank = dist.get_rank()
         self.owner = {layer.name: rank for layer, rank in zip(layers, assign_owners(costs, self.world))}
-        self.shared_keys = tuple(shared_keys)
+        self.shared_keys = dict(shared_keys)
         self.sharded = sharded
         if sharded:
             for layer in layers:
@@ -132,7 +133,7 @@ class LayerDistributor:
         the shared keys elsewhere."""
         if self.owns(name):
             return state
-        return {key: value for key, value in state.items() if key in self.shared_keys}
+        return {key: value for key, value in state.items() if key in self.shared_keys[name]}
 
     # ------------------------------------------------------------ factors
     def share_factors(self, optimizer: KroneckerOptimizer, names: list[str], counters: list[int]) -> list[int]:
@@ -143,7 +144,7 @@ class LayerDistributor:
         items: dict[torch.dtype, list[list[tuple[str, str, Tensor]]]] = {}
         for name in names:
             owner = self.owner[name]
-            for key in self.shared_keys:
+            for key in self.shared_keys[name]:
                 value = optimizer.layer_state[name].get(key)
                 if value is not None:
                     items.setdefault(value.dtype, [[] for _ in range(self.world)])[owner].append((name, key, value))
@@ -394,8 +395,7 @@ def make_distributor(
     if not optimizer.layers or world == 1 or not (sharded or distributed_work):
         return None
     costs = [optimizer._layer_cost(layer) for layer in optimizer.layers]
-    shared = optimizer.statistics_keys if sharded else optimizer.statistics_keys + optimizer.precondition_keys
-    shared = tuple(dict.fromkeys(shared))
+    shared = {layer.name: optimizer._shared_keys(layer, sharded) for layer in optimizer.layers}
     return LayerDistributor(optimizer.layers, costs, shared, sharded)
 
 

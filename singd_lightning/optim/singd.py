@@ -14,6 +14,7 @@ from singd_lightning.optim.base import KroneckerOptimizer
 from singd_lightning.optim.curvature import LAYER_KINDS, KroneckerLayer, Rows
 from singd_lightning.optim.hyperparameters import check_bool, check_choice, check_range, resolve_lr_cov
 from singd_lightning.structures import Structure, StructureSpec, resolve_structure
+from singd_lightning.structures._utils import symmetric_matmul
 
 #: Default of ``max_factor_step`` (ρ): the largest ``‖β₁ m‖₂`` of a factor update.
 #: Below 1, ``I − β₁ m`` stays invertible, so one update can neither collapse nor
@@ -261,7 +262,41 @@ class SINGD(KroneckerOptimizer):
     def _statistics(self, layer: KroneckerLayer, x_in: Rows, x_out: Rows) -> tuple[Tensor, Tensor]:
         layout_k, layout_c = self.layouts(layer)
         state = self.layer_state[layer.name]
-        return layout_k.project_gram_rows(state["K"], x_in), layout_c.project_gram_rows(state["C"], x_out)
+        raw_k, raw_c = self._raw_sides(layer)
+        return (
+            x_in.gram().flatten() if raw_k else layout_k.project_gram_rows(state["K"], x_in),
+            x_out.gram().flatten() if raw_c else layout_c.project_gram_rows(state["C"], x_out),
+        )
+
+    # ------------------------------------------------------ sharded models
+    def _raw_sides(self, layer: KroneckerLayer) -> tuple[bool, bool]:
+        """Whether the hooks collect K's (C's) statistic unprojected, ``X Xᵀ``, for
+        the layer's owner to project: dense factors of a sharded model, which then
+        live on the owner only (``Π(Kᵀ S K) = Kᵀ S K`` is linear in ``S``; the sum
+        over passes and ranks commutes with it)."""
+        distributor = getattr(self, "_distributor", None)
+        if distributor is None or not distributor.sharded:
+            return False, False
+        layout_k, layout_c = self.layouts(layer)
+        return layout_k.name == "dense", layout_c.name == "dense"
+
+    def _shared_keys(self, layer: KroneckerLayer, sharded: bool) -> tuple[str, ...]:
+        if not sharded:
+            return super()._shared_keys(layer, sharded)
+        # Dense factors are projected by their owner (see _raw_sides).
+        return tuple(key for key, layout in zip(("K", "C"), self.layouts(layer)) if layout.name != "dense")
+
+    def _projected(self, layer: KroneckerLayer, h_k: Tensor, h_c: Tensor) -> tuple[Tensor, Tensor]:
+        """``Π(Kᵀ S K)``, ``Π(Cᵀ S C)`` of the sides whose reduced statistic ``S`` the
+        hooks left unprojected (see :meth:`_raw_sides`)."""
+        state = self.layer_state[layer.name]
+        out = []
+        for raw, key, layout, h in zip(self._raw_sides(layer), ("K", "C"), self.layouts(layer), (h_k, h_c)):
+            if raw:
+                factor = state[key].view(layout.dim, layout.dim)
+                h = symmetric_matmul(factor.mT @ h.view_as(factor).to(factor.dtype), factor).flatten()
+            out.append(h)
+        return out[0], out[1]
 
     # --------------------------------------------------------------- update
     def _update_preconditioner(self, layer: KroneckerLayer, h_k: Tensor, h_c: Tensor) -> dict[str, Tensor]:
@@ -270,6 +305,7 @@ class SINGD(KroneckerOptimizer):
         return updates[0][1]
 
     def _new_layer_states(self, layers, reduced):
+        reduced = {name: self._projected(layer, *reduced[name]) for layer in layers if (name := layer.name) in reduced}
         # A layer's first update with factor_init other than "identity" sets its
         # factors instead; it goes through the same finiteness check and undo.
         starting = [layer for layer in layers if layer.name in reduced and self._starts(layer)]
