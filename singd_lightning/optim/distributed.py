@@ -392,7 +392,9 @@ def make_distributor(
             "distributed_work=False: the model's parameters are sharded (FSDP2), which needs distributed "
             "work; use distributed_work=None or True."
         )
-    if not optimizer.layers or world == 1 or not (sharded or distributed_work):
+    # (sharded parameters need the owners' path even on one rank: their
+    # gradients are DTensors)
+    if not optimizer.layers or not (sharded or (distributed_work and world > 1)):
         return None
     costs = [optimizer._layer_cost(layer) for layer in optimizer.layers]
     shared = {layer.name: optimizer._shared_keys(layer, sharded) for layer in optimizer.layers}

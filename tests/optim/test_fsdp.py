@@ -238,3 +238,18 @@ def test_owners_balance_the_cost_and_shards_split_like_torch_chunk():
             assert shard_rows(rows, world) == [len(c) for c in torch.arange(rows).chunk(world)] + [0] * (
                 world - len(torch.arange(rows).chunk(world))
             )
+
+
+def test_a_sharded_model_on_one_rank_equals_the_unsharded_one(tmp_path):
+    # fully_shard on one rank still makes DTensors: they take the owners' path.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = _shard(_model())
+        optimizer = SINGD(model, lr=0.05, T=1, structures="dense")
+        _train(model, optimizer, range(2))
+        sharded = _full(model)
+    finally:
+        dist.destroy_process_group()
+    model = _model()
+    _train(model, SINGD(model, lr=0.05, T=1, structures="dense"), range(2))
+    _assert_close(sharded, _full(model))
