@@ -109,6 +109,22 @@ def _worker(rank: int, store: str, out: str) -> None:
         optimizer.step()
         results["skip"] = {"skipped": optimizer.skipped_steps, "steps": optimizer.steps,
                            "unchanged": all(torch.equal(v, _full(model)[k]) for k, v in before.items())}
+        # Non-finite statistics on one rank only (finite gradients), in the next
+        # collecting step: every rank sees the reduced sums and skips.
+        _train(model, optimizer, range(2, 3), rank, WORLD)
+        before = _full(model)
+        x, y = _data(3)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[rank::WORLD]), y[rank::WORLD]).backward()
+        if rank == 0:
+            optimizer._stats["3"][0][0] = float("inf")
+        factors = {name: dict(state) for name, state in optimizer.layer_state.items()}
+        optimizer.step()
+        results["skip_statistics"] = {
+            "skipped": optimizer.skipped_steps, "steps": optimizer.steps,
+            "unchanged": all(torch.equal(v, _full(model)[k]) for k, v in before.items()),
+            "factors_unchanged": all(optimizer.layer_state[n][k] is v for n, state in factors.items() for k, v in state.items()),
+        }
 
         # Checkpoints: the full state dict after 2 steps, resumed sharded.
         model = _shard(_model())
@@ -197,6 +213,11 @@ def test_per_rank_optimizer_state_falls_with_sharding(ranks):
 def test_ranks_skip_a_step_with_non_finite_gradients_together(ranks):
     for rank in ranks:
         assert rank["skip"] == {"skipped": 1, "steps": 1, "unchanged": True}
+
+
+def test_ranks_skip_a_step_with_non_finite_statistics_on_one_rank_together(ranks):
+    for rank in ranks:
+        assert rank["skip_statistics"] == {"skipped": 2, "steps": 2, "unchanged": True, "factors_unchanged": True}
 
 
 def test_full_state_dict_resumes_exactly_sharded_and_unsharded(ranks):
