@@ -1,7 +1,8 @@
 """SINGDCallback under Lightning's ModelParallelStrategy with FSDP2 (``fully_shard``
 in ``configure_model``), two gloo processes on CPU: with gradient accumulation
 and clipping by the global norm, the full parameters equal one process on the
-joint batch; DeepSpeed and FSDP1 stay refused with an error naming what works."""
+joint batch (32-true; bf16-mixed up to its rounding); DeepSpeed and FSDP1 stay
+refused with an error naming what works."""
 
 from __future__ import annotations
 
@@ -77,14 +78,14 @@ class ShardedModule(pl.LightningModule):
                    Path(self.out_dir) / f"rank{self.trainer.global_rank}.pt")
 
 
-def _fit(out_dir: str, devices: int, batch_size: int, accumulate: int) -> None:
+def _fit(out_dir: str, devices: int, batch_size: int, accumulate: int, precision: str = "32-true") -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1) if devices > 1 else "auto"
     trainer = pl.Trainer(
         **{**QUIET, "devices": devices},
         strategy=strategy,
-        precision="32-true",
+        precision=precision,
         max_steps=STEPS,
         accumulate_grad_batches=accumulate,
         gradient_clip_val=CLIP,
@@ -101,6 +102,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     _fit(out_dir, devices=2, batch_size=4, accumulate=2)
+    bf16 = Path(out_dir) / "bf16"
+    bf16.mkdir(exist_ok=True)
+    _fit(str(bf16), devices=2, batch_size=4, accumulate=2, precision="bf16-mixed")
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -129,6 +133,14 @@ def test_model_parallel_fsdp2_equals_one_process_on_the_joint_batch(tmp_path):
         for rank in ranks:
             error = (rank["params"][name] - value).norm() / value.norm()
             assert error < 1e-4, (name, error.item())
+    # bf16-mixed (autocast; float32 weights and factors): the same run up to
+    # bfloat16 rounding of the activations.
+    bf16 = [torch.load(sharded / "bf16" / f"rank{r}.pt") for r in range(2)]
+    assert bf16[0]["steps"] == STEPS and bf16[0]["sharded"]
+    for name, value in reference["params"].items():
+        for rank in bf16:
+            error = (rank["params"][name] - value).norm() / value.norm()
+            assert error < 0.05, (name, error.item())
 
 
 def test_deepspeed_and_fsdp1_are_refused_naming_what_works():
