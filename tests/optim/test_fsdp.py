@@ -76,6 +76,28 @@ def _shard(model: nn.Module) -> nn.Module:
     return fully_shard(model)
 
 
+def _embedding_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(11, 6, padding_idx=0), nn.Flatten(), nn.Linear(24, 5)).double()
+
+
+def _shard_embedding(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model[0])
+    fully_shard(model[2])
+    return fully_shard(model)
+
+
+def _train_tokens(model: nn.Module, optimizer, rank: int = 0, world: int = 1) -> None:
+    for step in range(3):
+        g = torch.Generator().manual_seed(200 + step)
+        x, y = torch.randint(0, 11, (BATCH, 4), generator=g), torch.randint(0, 5, (BATCH,), generator=g)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[rank::world]), y[rank::world]).backward()
+        optimizer.step()
+
+
 def _worker(rank: int, store: str, out: str) -> None:
     warnings.simplefilter("ignore")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
@@ -142,14 +164,20 @@ def _worker(rank: int, store: str, out: str) -> None:
         results["checkpoint"] = {"state": state, "params": params, "continued": _full(model),
                                  "resumed": _full(resumed_model), "bytes_equal": optimizer_state_bytes(resumed) == optimizer_state_bytes(optimizer)}
 
+        # An embedding (its weight's rows are the input side of Ĝ).
+        model = _shard_embedding(_embedding_model())
+        _train_tokens(model, SINGD(model, lr=0.05, T=1, structures="dense"), rank, WORLD)
+        results["embedding"] = _full(model)
+
         # DDP: distributed factor work equals the replicated work.
         ddp = {}
-        for mode in (False, True):
-            model = nn.parallel.DistributedDataParallel(_model())
-            optimizer = SINGD(model, lr=0.05, T=1, structures="dense", distributed_work=mode)
-            _train(model, optimizer, range(STEPS), rank, WORLD)
-            ddp[mode] = {"params": _full(model.module), "bytes": optimizer_state_bytes(optimizer),
-                         "factors": {n: s["K"].clone() for n, s in optimizer.layer_state.items()}}
+        for cls, key in ((SINGD, "K"), (KFAC, "A_inv")):
+            for mode in (False, True):
+                model = nn.parallel.DistributedDataParallel(_model())
+                optimizer = cls(model, lr=0.05, T=1, distributed_work=mode)
+                _train(model, optimizer, range(STEPS), rank, WORLD)
+                ddp[cls.__name__, mode] = {"params": _full(model.module), "bytes": optimizer_state_bytes(optimizer),
+                                           "factors": {n: s[key].clone() for n, s in optimizer.layer_state.items()}}
         results["ddp"] = ddp
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
@@ -242,13 +270,22 @@ def test_full_state_dict_resumes_exactly_sharded_and_unsharded(ranks):
     assert optimizer.state_dict()["kronecker"]["layers"].keys() == result["state"]["kronecker"]["layers"].keys()
 
 
-def test_distributed_work_under_ddp_equals_replicated_work(ranks):
+@pytest.mark.parametrize("method", ["SINGD", "KFAC"])
+def test_distributed_work_under_ddp_equals_replicated_work(ranks, method):
     for rank in ranks:
-        replicated, distributed = rank["ddp"][False], rank["ddp"][True]
+        replicated, distributed = rank["ddp"][method, False], rank["ddp"][method, True]
         _assert_close(distributed["params"], replicated["params"])
+        # Every rank holds the factors it preconditions with (K, C; KFAC's inverses).
         for key, value in replicated["factors"].items():
             torch.testing.assert_close(distributed["factors"][key], value, rtol=1e-12, atol=1e-14)
         assert distributed["bytes"] < replicated["bytes"]
+
+
+def test_sharded_embedding_equals_one_process(ranks):
+    model = _embedding_model()
+    _train_tokens(model, SINGD(model, lr=0.05, T=1, structures="dense"))
+    for rank in ranks:
+        _assert_close(rank["embedding"], _full(model))
 
 
 def test_owners_balance_the_cost_and_shards_split_like_torch_chunk():
