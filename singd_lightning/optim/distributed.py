@@ -19,10 +19,12 @@ Two settings use it (see :class:`LayerDistributor`):
   per update step (per factor dtype), so the factor work is split across ranks
   as in KAISA.
 
-In both, the state that every rank needs (SINGD's ``K`` and ``C``, read by the
-hooks) is replicated and refreshed after each factor update by that one
-``all_gather``; the owner's private state never leaves it except in a full
-state dict.
+In both, the state that every rank needs is replicated and refreshed after
+each factor update by that one ``all_gather``: SINGD's structured ``K`` and
+``C``, which the hooks read (dense ones stay on their owner under sharding: the
+hooks then collect ``X Xᵀ`` and the owner projects it), and under DDP the
+factors each rank preconditions with. The owner's private state never leaves
+it except in a full state dict.
 """
 
 from __future__ import annotations
