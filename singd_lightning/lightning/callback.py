@@ -318,6 +318,10 @@ class SINGDCallback(SINGDDiagnostics):
             (default None).
         init_grad_scale: The loss scale expected in the first backward pass
             (default 1).
+        distributed_work: Split the factor work over the ranks, each layer
+            updated by one owner (default None: only for sharded parameters,
+            which need it; True: also under DDP; see
+            :mod:`singd_lightning.optim.distributed`).
         grad_scaler: A ``torch.amp.GradScaler`` to un-scale the statistics with
             (default: the trainer's, under ``precision="16-mixed"``).
         params: Parameter groups (default: the replaced optimizer's partition).
@@ -362,6 +366,7 @@ class SINGDCallback(SINGDDiagnostics):
         update_clip: float | None = UPDATE_CLIP,
         kl_clip: float | None = None,
         init_grad_scale: float | None = None,
+        distributed_work: bool | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
     ) -> None:

@@ -149,3 +149,10 @@ def test_deepspeed_and_fsdp1_are_refused_naming_what_works():
     for strategy in (FSDPStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy)):
         with pytest.raises(ValueError, match=r"flat buffers.*'ddp'.*ModelParallelStrategy.*fully_shard"):
             check_strategy(strategy)
+
+
+def test_callback_passes_distributed_work_on_and_checks_it():
+    assert SINGDCallback(distributed_work=True).options["distributed_work"] is True
+    assert "distributed_work" not in SINGDCallback().options
+    with pytest.raises(ValueError, match="distributed_work must be None, True or False"):
+        SINGDCallback(distributed_work="yes")
