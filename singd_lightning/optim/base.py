@@ -106,6 +106,17 @@ def _all_finite(t: Tensor) -> Tensor:
     return torch.isfinite(torch.stack(torch.aminmax(t))).all()
 
 
+def _inner(a: Tensor, b: Tensor) -> Tensor:
+    """``Σ a ⊙ b`` in at least float32, 0-dim: on the CPU one BLAS dot product
+    without a temporary when both are contiguous float32 tensors (a
+    preconditioned gradient and its gradient), else through the elementwise
+    product."""
+    if a.dtype == b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous() and a.device.type == "cpu":
+        return torch.dot(a.view(-1), b.view(-1))
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return (a.to(dtype) * b.to(dtype)).sum()
+
+
 def _weighted_copy(t: Tensor, dtype: torch.dtype, weight: float) -> Tensor:
     """``weight · t`` as a new tensor of ``dtype`` (one pass when ``weight`` is 1)."""
     out = t.to(dtype, copy=True)
@@ -789,8 +800,7 @@ class KroneckerOptimizer(Optimizer):
     @staticmethod
     def _kl_term(layer: KroneckerLayer, natural: Tensor, grad: Tensor) -> Tensor:
         """``lr² ⟨u, g⟩`` of the layer's update ``u`` and gradient ``g`` (see :func:`kl_clip_scale`)."""
-        dtype = torch.promote_types(natural.dtype, torch.float32)
-        return (natural.to(dtype) * grad.to(dtype)).sum() * layer.group["lr"] ** 2
+        return _inner(natural, grad) * layer.group["lr"] ** 2
 
     def _clip_update(
         self, layer: KroneckerLayer, natural: Tensor, clip: float, pending_avg: dict[str, Tensor], clip_flags: list[Tensor]
@@ -798,7 +808,7 @@ class KroneckerOptimizer(Optimizer):
         """Scale ``natural`` down to the running RMS of the layer's update norms if
         it is more than ``clip`` times that (exactly unchanged otherwise); no host
         sync."""
-        norm_sq = natural.float().square().sum()
+        norm_sq = _inner(natural, natural).float()
         avg = self.update_norm_avg.get(layer.name)
         if avg is None:  # first update: nothing to compare to
             # (an overflowing norm must not disable the guard: it counts as 0)

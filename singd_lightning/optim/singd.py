@@ -542,11 +542,33 @@ class SINGD(KroneckerOptimizer):
         layout_k, layout_c = self.layouts(layer)
         state = self.layer_state[layer.name]
         K, C = state["K"], state["C"]
+        form_k, form_c = self._outer_forms(layer, K, C)
         # Ĝ K Kᵀ = (K (Kᵀ Ĝᵀ))ᵀ, then C (Cᵀ ·): only structured products.
         x = grad.mT.to(K.dtype)
-        x = layout_k.matmul_outer(K, x)
-        x = layout_c.matmul_outer(C, x.mT.to(C.dtype))
+        x = layout_k.matmul_outer_form(form_k, x)
+        x = layout_c.matmul_outer_form(form_c, x.mT.to(C.dtype))
         return x.to(grad.dtype)
+
+    def _outer_forms(self, layer: KroneckerLayer, K: Tensor, C: Tensor) -> tuple:
+        """``K``'s and ``C``'s :meth:`~singd_lightning.structures.Structure.outer_form`.
+
+        With ``T > 1`` they are kept from one step to the next while the factors
+        stay the same tensors, unchanged in place (their version counters): the
+        ``T − 1`` steps between two updates then only apply them, which for
+        block-diagonal and hierarchical factors skips most of the small products
+        of a step. At ``T = 1`` every step has new factors: nothing is kept.
+        """
+        layout_k, layout_c = self.layouts(layer)
+        if layer.group["T"] == 1 or K.is_inference() or C.is_inference():
+            return layout_k.outer_form(K), layout_c.outer_form(C)
+        cache = self.__dict__.setdefault("_outer_form_cache", {})
+        key = (K, K._version, C, C._version)
+        cached = cache.get(layer.name)
+        if cached is not None and all(a is b if isinstance(a, Tensor) else a == b for a, b in zip(cached[0], key)):
+            return cached[1]
+        forms = layout_k.outer_form(K), layout_c.outer_form(C)
+        cache[layer.name] = (key, forms)
+        return forms
 
 
 class INGD(SINGD):

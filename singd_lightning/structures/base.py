@@ -127,6 +127,19 @@ class Structure(ABC):
         share of a preconditioned gradient)."""
         return self.matmul(data, self.matmul(data, x, transpose=True))
 
+    def outer_form(self, data: Tensor) -> Tensor | tuple[Tensor, ...]:
+        """What :meth:`matmul_outer_form` needs of ``S`` to compute ``S Sᵀ x``:
+        worth keeping while ``S`` does not change (steps that only precondition).
+        By default the storage itself; structures whose :meth:`matmul_outer` first
+        builds parts of ``S Sᵀ`` from the storage return those parts (about the
+        storage's size). ``matmul_outer_form(outer_form(data), x)`` equals
+        ``matmul_outer(data, x)`` bit for bit."""
+        return data
+
+    def matmul_outer_form(self, form: Tensor | tuple[Tensor, ...], x: Tensor) -> Tensor:
+        """``S Sᵀ x`` from ``form = outer_form(data)`` (see :meth:`outer_form`)."""
+        return self.matmul_outer(form, x)
+
     def project_gram(self, data: Tensor, x: Tensor) -> Tensor:
         """Π(Sᵀ x xᵀ S) for dense ``x`` of shape ``(*batch, dim, n)``."""
         return self.project_outer(self.matmul(data, x, transpose=True))

@@ -100,9 +100,15 @@ class BlockDiagonal(Structure):
         )
 
     def matmul_outer(self, data: Tensor, x: Tensor) -> Tensor:
-        # S Sᵀ is block-diagonal too: form its blocks (b³ each), then one pass over x.
+        return self.matmul_outer_form(self.outer_form(data), x)
+
+    def outer_form(self, data: Tensor) -> Tensor:
+        # S Sᵀ is block-diagonal too: its storage (b³ per block).
         blocks, last = self._blocks(data)
-        return self.matmul(self._pack(blocks @ blocks.mT, last @ last.mT), x)
+        return self._pack(blocks @ blocks.mT, last @ last.mT)
+
+    def matmul_outer_form(self, form: Tensor, x: Tensor) -> Tensor:
+        return self.matmul(form, x)  # one pass over x
 
     def compose(self, a: Tensor, b: Tensor) -> Tensor:
         blocks_a, last_a = self._blocks(a)

@@ -26,7 +26,13 @@ class Diagonal(Structure):
         return data.unsqueeze(-1) * x
 
     def matmul_outer(self, data: Tensor, x: Tensor) -> Tensor:
-        return data.square().unsqueeze(-1) * x
+        return self.matmul_outer_form(self.outer_form(data), x)
+
+    def outer_form(self, data: Tensor) -> Tensor:
+        return data.square()  # the diagonal of S Sᵀ
+
+    def matmul_outer_form(self, form: Tensor, x: Tensor) -> Tensor:
+        return form.unsqueeze(-1) * x
 
     def compose(self, a: Tensor, b: Tensor) -> Tensor:
         return a * b

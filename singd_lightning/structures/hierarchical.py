@@ -126,14 +126,23 @@ class Hierarchical(Structure):
              [D Bᵀ,               D²,  D Eᵀ       ],
              [E Bᵀ + F Cᵀ,        E D, E Eᵀ + F Fᵀ]]
         """
+        return self.matmul_outer_form(self.outer_form(data), x)
+
+    def outer_form(self, data: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``S Sᵀ``'s parts (see :meth:`matmul_outer`): ``[B D; E D]`` (``(k, m)``),
+        the symmetric border block (``(k, k)``) and ``D²``."""
         A, B, C, D, E, F = self._parts(data)
-        n1, m = self.n1, self.m
         scaled = torch.cat([B * D.unsqueeze(-2), E * D.unsqueeze(-2)], dim=-2)  # [B D; E D], (k, m)
         corner = torch.cat([
             torch.cat([A @ A.mT + B @ B.mT + C @ C.mT, B @ E.mT + C @ F.mT], dim=-1),
             torch.cat([E @ B.mT + F @ C.mT, E @ E.mT + F @ F.mT], dim=-1),
         ], dim=-2)  # the border block, (k, k), symmetric
-        batch = torch.broadcast_shapes(data.shape[:-1], x.shape[:-2])
+        return scaled, corner, D.square()
+
+    def matmul_outer_form(self, form: tuple[Tensor, Tensor, Tensor], x: Tensor) -> Tensor:
+        scaled, corner, d_square = form
+        n1, m = self.n1, self.m
+        batch = torch.broadcast_shapes(d_square.shape[:-1], x.shape[:-2])
         # Each block is written once into the result, in x's memory layout: the
         # middle rows are read elementwise, and a transposed x (a gradient's
         # transpose) would otherwise be read with large strides.
@@ -144,7 +153,7 @@ class Hierarchical(Structure):
             out = x.new_empty(*batch, x.shape[-1], self.dim)
             mid = out[..., n1 : n1 + m]
             torch.matmul(border, scaled, out=mid)
-            mid.addcmul_(D.square().unsqueeze(-2), xt2)
+            mid.addcmul_(d_square.unsqueeze(-2), xt2)
             ends = torch.matmul(border, corner).add_(xt2 @ scaled.mT)
             out[..., :n1] = ends[..., :n1]
             out[..., n1 + m :] = ends[..., n1:]
@@ -154,7 +163,7 @@ class Hierarchical(Structure):
         out = x.new_empty(*batch, self.dim, x.shape[-1])
         mid = out[..., n1 : n1 + m, :]
         torch.matmul(scaled.mT, border, out=mid)
-        mid.addcmul_(D.square().unsqueeze(-1), x2)
+        mid.addcmul_(d_square.unsqueeze(-1), x2)
         ends = torch.matmul(corner, border).add_(scaled @ x2)
         out[..., :n1, :] = ends[..., :n1, :]
         out[..., n1 + m :, :] = ends[..., n1:, :]

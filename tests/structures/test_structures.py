@@ -227,6 +227,19 @@ def test_matmul_outer(name, opts, dim):
         close(layout.matmul_outer(data, x_t), mat @ mat.T @ x_t)
 
 
+@pytest.mark.parametrize("name,opts,dim", FEW_CASES)
+def test_matmul_outer_form_is_matmul_outer(name, opts, dim):
+    """What steps between preconditioner updates keep of a factor (its outer
+    form) gives S Sᵀ x bit for bit, for plain, transposed and batched x."""
+    layout = make(name, opts, dim)
+    for batch in ((), (2,)):
+        data = rand_data(layout, *batch, dtype=torch.float32)
+        form = layout.outer_form(data)
+        x = torch.randn(*batch, dim, 5)
+        for operand in (x, x.mT.contiguous().mT):
+            assert torch.equal(layout.matmul_outer_form(form, operand), layout.matmul_outer(data, operand))
+
+
 def column_rows(x: torch.Tensor, chunk_columns: int) -> Rows:
     """``x`` as lazily built :class:`Rows`, handed out ``chunk_columns`` at a time."""
     rows = Rows(
