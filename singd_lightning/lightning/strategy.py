@@ -3,6 +3,7 @@ DDP, and ``ModelParallelStrategy`` with FSDP2), and a clear error for the others
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 SUPPORTED_STRATEGIES = ("auto", "single_device", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
@@ -35,6 +36,9 @@ def check_strategy(strategy: Any) -> None:
     Args:
         strategy: A Lightning ``Strategy`` instance (e.g. ``trainer.strategy``).
 
+    Under ``ModelParallelStrategy`` it routes the Kronecker optimizers'
+    checkpoints (:func:`route_optimizer_checkpoints`).
+
     Raises:
         ValueError: For FSDP, DeepSpeed and any other strategy that is neither
             single-device, DDP nor ``ModelParallelStrategy``, naming the
@@ -54,6 +58,68 @@ def check_strategy(strategy: Any) -> None:
             "ModelParallelStrategy(data_parallel_size=..., tensor_parallel_size=1) with FSDP2's fully_shard "
             "applied in configure_model."
         )
+    route_optimizer_checkpoints(strategy)
+
+
+def route_optimizer_checkpoints(strategy: Any) -> None:
+    """Under ``ModelParallelStrategy``, checkpoint the Kronecker optimizers with
+    their own ``state_dict``/``load_state_dict``; a no-op under other strategies
+    and when already done.
+
+    The strategy saves and loads optimizer state through
+    ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``/
+    ``set_optimizer_state_dict``, which keep only ``torch.optim``'s per-parameter
+    layout: the factors and momenta would be lost, and loading fails because the
+    Kronecker parameters have no per-parameter state. So, for a Kronecker
+    optimizer, the checkpoint holds its full state dict (the same on every rank,
+    gathered from the layers' owners; plain tensors): with
+    ``save_distributed_checkpoint=True`` as the folder's ``optimizer_<i>`` entry
+    (``torch.distributed.checkpoint`` writes each entry once), otherwise in the
+    one file's ``optimizer_states``. Other optimizers keep the strategy's own
+    path. Called by :func:`check_strategy`, so ``SINGDCallback`` and
+    ``configure_singd`` route them.
+    """
+    if not isinstance(strategy, _model_parallel_type()) or getattr(strategy, "_kronecker_checkpoints", False):
+        return
+    from singd_lightning.optim import KroneckerOptimizer
+    from singd_lightning.optim.distributed import load_distributed_checkpoint
+
+    strategy_optimizer_state = strategy.optimizer_state
+    strategy_load_checkpoint = strategy.load_checkpoint
+
+    def optimizer_state(optimizer: Any) -> dict[str, Any]:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's optimizer
+        if isinstance(optimizer, KroneckerOptimizer):
+            return optimizer.state_dict()  # collective: every rank saves
+        return strategy_optimizer_state(optimizer)
+
+    def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        optimizers = list(strategy.optimizers)
+        ours = [isinstance(o, KroneckerOptimizer) for o in optimizers]
+        if not any(ours):
+            return strategy_load_checkpoint(checkpoint_path, weights_only)
+        if not all(ours):
+            raise ValueError(
+                "ckpt_path: a Kronecker optimizer next to other optimizers cannot resume under "
+                "ModelParallelStrategy; use one optimizer (SINGDCallback or configure_singd)."
+            )
+        path = Path(strategy.broadcast(checkpoint_path))
+        # The strategy loads the model and the metadata; the optimizers load here.
+        strategy._optimizers = []
+        try:
+            checkpoint = strategy_load_checkpoint(path, weights_only)
+        finally:
+            strategy._optimizers = optimizers
+        for index, optimizer in enumerate(optimizers):
+            if path.is_dir():
+                load_distributed_checkpoint(optimizer, path, key=f"optimizer_{index}")
+            else:
+                optimizer.load_state_dict(checkpoint["optimizer_states"][index])
+        return checkpoint
+
+    strategy.optimizer_state = optimizer_state
+    strategy.load_checkpoint = load_checkpoint
+    strategy._kronecker_checkpoints = True
 
 
 def shard_for_strategy(net: Any, strategy: Any) -> bool:
@@ -81,4 +147,4 @@ def shard_for_strategy(net: Any, strategy: Any) -> bool:
     return True
 
 
-__all__ = ["SUPPORTED_STRATEGIES", "check_strategy", "shard_for_strategy"]
+__all__ = ["SUPPORTED_STRATEGIES", "check_strategy", "route_optimizer_checkpoints", "shard_for_strategy"]

@@ -29,6 +29,7 @@ it except in a full state dict.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -403,6 +404,42 @@ def make_distributor(
     return LayerDistributor(optimizer.layers, costs, shared, sharded)
 
 
+def load_distributed_checkpoint(optimizer: KroneckerOptimizer, checkpoint_id: str | os.PathLike, key: str = "optim") -> None:
+    """Load ``optimizer`` from a ``torch.distributed.checkpoint`` folder that holds
+    its :meth:`~singd_lightning.optim.base.KroneckerOptimizer.state_dict` under
+    ``key`` (``dcp.save({..., key: optimizer.state_dict()}, checkpoint_id=...)``).
+
+    ``dcp.load`` fills only the entries of the state dict it is given, so a
+    fresh optimizer's (no first-order moments yet, no spike-guard norms) would
+    drop some of the saved state; this reads every saved entry under ``key``
+    instead (the layout comes from the checkpoint's metadata), then calls
+    ``optimizer.load_state_dict``, which checks it. Collective when a process
+    group is initialised: every rank calls it. The checkpoint may come from any
+    world size, sharded or not.
+
+    Raises:
+        ValueError: The checkpoint holds no entry ``key``, or it is not a state
+            of this optimizer (see ``load_state_dict``).
+    """
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+
+    # The planner builds the saved layout (integer keys, lists) from the metadata
+    # into the dict ``load`` hands it (a copy of the one given here).
+    planner = _EmptyStateDictLoadPlanner(keys={key})
+    load({}, checkpoint_id=checkpoint_id, planner=planner)
+    state = planner.original_state_dict
+    if key not in state:
+        raise ValueError(f"checkpoint_id: {str(checkpoint_id)!r} holds no entry {key!r} (the key the optimizer's state was saved under).")
+    saved = dict(state[key])
+    # (the checkpoint's paths keep the parameters' integer indices as strings)
+    saved["state"] = {
+        int(index) if isinstance(index, str) and index.isdigit() else index: entry
+        for index, entry in saved.get("state", {}).items()
+    }
+    optimizer.load_state_dict(saved)
+
+
 def optimizer_state_bytes(optimizer: KroneckerOptimizer) -> int:
     """Bytes of optimizer state held by this rank: the layers' factors and momenta
     and the per-parameter state (a sharded state counts its local shard)."""
@@ -421,6 +458,7 @@ __all__ = [
     "LayerDistributor",
     "assign_owners",
     "is_sharded",
+    "load_distributed_checkpoint",
     "local",
     "make_distributor",
     "optimizer_state_bytes",

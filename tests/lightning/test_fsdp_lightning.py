@@ -143,6 +143,60 @@ def test_model_parallel_fsdp2_equals_one_process_on_the_joint_batch(tmp_path):
             assert error < 0.05, (name, error.item())
 
 
+class ResumedModule(ShardedModule):
+    """Two optimizer steps per epoch (16 samples, micro-batches of 4 on 2 ranks):
+    a checkpoint at an epoch's end resumes with the next epoch's batches."""
+
+    def train_dataloader(self):
+        data = dataset(16)
+        sampler = InterleavedSampler(len(data), self.trainer.global_rank, self.trainer.world_size)
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
+
+
+def _fit_checkpointed(out_dir: str, distributed_checkpoint: bool, ckpt_path: str | None = None) -> None:
+    """Four steps (two epochs) of SINGD with momentum (dense factors: private
+    state on the owners, KFAC-like off) under ModelParallelStrategy, saving a
+    checkpoint after each epoch; resumed from ``ckpt_path`` if given."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=distributed_checkpoint)
+    trainer = pl.Trainer(
+        **{**QUIET, "devices": 2, "enable_checkpointing": True},
+        strategy=strategy, max_epochs=STEPS // 2, use_distributed_sampler=False,
+        callbacks=[SINGDCallback(**singd_options(T=1, structures=("dense", "dense"), alpha1=0.5)),
+                   ModelCheckpoint(dirpath=out_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1)],
+    )
+    trainer.fit(ResumedModule(4, out_dir), ckpt_path=ckpt_path)
+
+
+def _resume_worker(rank: int, port: int, out_dir: str) -> None:
+    warnings.simplefilter("ignore")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    for distributed in (True, False):
+        run = Path(out_dir) / ("folder" if distributed else "file")
+        _fit_checkpointed(str(run / "through"), distributed)
+        _fit_checkpointed(str(run / "resumed"), distributed, ckpt_path=str(run / "through" / "epoch=0.ckpt"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_model_parallel_checkpoints_resume_exactly(tmp_path):
+    mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    for kind in ("folder", "file"):
+        # save_distributed_checkpoint=True writes a folder, False one file.
+        assert (tmp_path / kind / "through" / "epoch=0.ckpt").is_dir() == (kind == "folder")
+        for rank in range(2):
+            through = torch.load(tmp_path / kind / "through" / f"rank{rank}.pt")
+            resumed = torch.load(tmp_path / kind / "resumed" / f"rank{rank}.pt")
+            assert through["steps"] == resumed["steps"] == STEPS
+            # (factors, momenta and AdamW moments restored: the same computation)
+            for name, value in through["params"].items():
+                assert torch.equal(resumed["params"][name], value), (kind, name)
+
+
 def test_deepspeed_and_fsdp1_are_refused_naming_what_works():
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 

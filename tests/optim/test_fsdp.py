@@ -2,7 +2,8 @@
 processes on CPU): after a few steps the full parameters equal one process on
 the joint batch, each layer's private state lives on its owner only, ranks skip
 non-finite steps together, and the full state dict resumes exactly, sharded or
-not. Also the distributed factor work under DDP (``distributed_work=True``).
+not, also through ``torch.distributed.checkpoint``. Also the distributed factor
+work under DDP (``distributed_work=True``).
 
 All configurations run in one pair of processes (starting them dominates the
 time); the single-process references run in the test process.
@@ -17,11 +18,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from singd_lightning import KFAC, SINGD
-from singd_lightning.optim.distributed import assign_owners, optimizer_state_bytes, shard_rows
+from singd_lightning.optim.distributed import (
+    assign_owners,
+    load_distributed_checkpoint,
+    optimizer_state_bytes,
+    shard_rows,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -164,6 +172,22 @@ def _worker(rank: int, store: str, out: str) -> None:
         results["checkpoint"] = {"state": state, "params": params, "continued": _full(model),
                                  "resumed": _full(resumed_model), "bytes_equal": optimizer_state_bytes(resumed) == optimizer_state_bytes(optimizer)}
 
+        # torch.distributed.checkpoint: the optimizer's state dict saved as it is
+        # (written once: the same on every rank), read back whole.
+        model = _shard(_model())
+        optimizer = SINGD(model, lr=0.05, T=1, structures="dense", alpha1=0.5)
+        _train(model, optimizer, range(2), rank, WORLD)
+        dcp.save({"model": get_model_state_dict(model), "optim": optimizer.state_dict()}, checkpoint_id=Path(out) / "dcp")
+        _train(model, optimizer, range(2, 4), rank, WORLD)
+        resumed_model = _shard(_model())
+        resumed = SINGD(resumed_model, lr=0.05, T=1, structures="dense", alpha1=0.5)
+        loaded = {"model": get_model_state_dict(resumed_model)}
+        dcp.load(loaded, checkpoint_id=Path(out) / "dcp")
+        set_model_state_dict(resumed_model, loaded["model"])
+        load_distributed_checkpoint(resumed, Path(out) / "dcp")
+        _train(resumed_model, resumed, range(2, 4), rank, WORLD)
+        results["dcp"] = {"continued": _full(model), "resumed": _full(resumed_model)}
+
         # An embedding (its weight's rows are the input side of Ĝ).
         model = _shard_embedding(_embedding_model())
         _train_tokens(model, SINGD(model, lr=0.05, T=1, structures="dense"), rank, WORLD)
@@ -188,7 +212,7 @@ def _worker(rank: int, store: str, out: str) -> None:
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("fsdp")
     mp.spawn(_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [{**torch.load(out / f"rank{r}.pt", weights_only=False), "out": out} for r in range(WORLD)]
 
 
 def _assert_close(actual: dict, expected: dict) -> None:
@@ -268,6 +292,27 @@ def test_full_state_dict_resumes_exactly_sharded_and_unsharded(ranks):
     _assert_close(result["continued"], _full(model))
     # ... and an unsharded state loads into the sharded format's checks.
     assert optimizer.state_dict()["kronecker"]["layers"].keys() == result["state"]["kronecker"]["layers"].keys()
+
+
+def test_distributed_checkpoint_resumes_exactly_sharded_and_unsharded(ranks):
+    # Resumed sharded from the folder: exactly the run that went on.
+    for rank in ranks:
+        for key, value in rank["dcp"]["continued"].items():
+            assert torch.equal(rank["dcp"]["resumed"][key], value), key
+    # The same folder read by one process without a process group (another
+    # world size): the full state, the same up to summation order.
+    folder = ranks[0]["out"] / "dcp"
+    model = _model()
+    loaded = {"model": model.state_dict()}
+    dcp.load(loaded, checkpoint_id=folder)
+    model.load_state_dict(loaded["model"])
+    optimizer = SINGD(model, lr=0.05, T=1, structures="dense", alpha1=0.5)
+    load_distributed_checkpoint(optimizer, folder)
+    assert optimizer.steps == 2 and optimizer.state  # the AdamW moments are back
+    _train(model, optimizer, range(2, 4))
+    _assert_close(ranks[0]["dcp"]["continued"], _full(model))
+    with pytest.raises(ValueError, match="holds no entry 'optimizer'"):
+        load_distributed_checkpoint(optimizer, folder, key="optimizer")
 
 
 @pytest.mark.parametrize("method", ["SINGD", "KFAC"])
