@@ -851,7 +851,11 @@ class KroneckerOptimizer(Optimizer):
         distribution (so it loads into a sharded or an unsharded optimizer, of
         any world size): every rank must call it, since the layers' private
         state is gathered from their owners and sharded per-parameter state
-        (``DTensor`` s) is gathered whole.
+        (``DTensor`` s) is gathered whole. It holds plain tensors only, so
+        ``torch.distributed.checkpoint`` saves it as it is (one copy); read it
+        back with :func:`~singd_lightning.optim.distributed.load_distributed_checkpoint`.
+        ``get_optimizer_state_dict`` keeps only ``torch.optim``'s per-parameter
+        layout and would drop the factors.
         """
         state = super().state_dict()
         for group in state["param_groups"]:
