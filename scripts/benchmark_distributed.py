@@ -2,7 +2,8 @@
 
 Compares, on CPU processes with gloo, for world sizes 1 and 2:
 
-* ``replicated``: DDP, every rank does all the factor work (the default);
+* ``replicated``: DDP with ``distributed_work=False``, every rank does all the
+  factor work;
 * ``distributed``: DDP with ``distributed_work=True``, each rank updates the
   factors of the layers it owns and the factors are shared in one collective;
 * ``fsdp``: the model sharded with FSDP2's ``fully_shard``, the owners
@@ -59,7 +60,7 @@ def _run(mode: str, structure: str, args: argparse.Namespace, rank: int, world: 
     else:
         wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = SINGD(
-        wrapped, lr=1e-3, T=1, structures=structure, distributed_work=True if mode == "distributed" else None
+        wrapped, lr=1e-3, T=1, structures=structure, distributed_work={"replicated": False, "distributed": True}.get(mode)
     )
     generator = torch.Generator().manual_seed(1 + rank)
     times = []

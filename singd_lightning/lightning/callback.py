@@ -319,8 +319,9 @@ class SINGDCallback(SINGDDiagnostics):
         init_grad_scale: The loss scale expected in the first backward pass
             (default 1).
         distributed_work: Split the factor work over the ranks, each layer
-            updated by one owner (default None: only for sharded parameters,
-            which need it; True: also under DDP; see
+            updated by one owner (default None: for sharded parameters, which
+            need it, and under DDP with two or more Kronecker layers; True:
+            always on several ranks; False: off under DDP; see
             :mod:`singd_lightning.optim.distributed`).
         grad_scaler: A ``torch.amp.GradScaler`` to un-scale the statistics with
             (default: the trainer's, under ``precision="16-mixed"``).

@@ -193,10 +193,13 @@ class KroneckerOptimizer(Optimizer):
             process group (see :mod:`~singd_lightning.optim.distributed`): each
             layer's factors are updated (and its private state kept) by one owner
             rank, the factors the other ranks need are shared in one collective
-            per update step. None: only where the parameters are sharded (FSDP2's
-            ``fully_shard``, which requires it); True: also with replicated
-            parameters (DDP); False: every rank does all the work (not possible
-            with sharded parameters).
+            per update step. None: where the parameters are sharded (FSDP2's
+            ``fully_shard``, which requires it), and with replicated parameters
+            (DDP) on two or more ranks when there are at least two Kronecker
+            layers to split (faster: see :func:`~singd_lightning.optim.distributed.make_distributor`);
+            True: also with a single Kronecker layer; False: every rank does all
+            the work (not possible with sharded parameters). With distributed
+            work, :meth:`state_dict` is collective (every rank calls it).
     """
 
     #: Layer-state keys that the curvature hooks read: every rank keeps them.

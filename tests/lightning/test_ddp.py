@@ -1,5 +1,6 @@
 """DDP through Lightning (two gloo processes on CPU) equals one process on the
-joint batch, with identical factors on every rank and one statistics
+joint batch, with the factor work split over the ranks by default (and the
+same state, gathered, on every rank) or replicated, and one statistics
 all-reduce per preconditioner-update step."""
 
 from __future__ import annotations
@@ -68,9 +69,14 @@ class SavingModule(PlainModule):
     def on_train_end(self) -> None:
         optimizer = self.trainer.optimizers[0]
         counter = next(c for c in self.trainer.callbacks if isinstance(c, CountCollectives))
+        # The full state (every rank calls it: with distributed work the owners'
+        # private state is gathered).
+        layers = optimizer.state_dict()["kronecker"]["layers"]
         state = {
             "params": {n: p.detach().cpu().clone() for n, p in self.named_parameters()},
-            "factors": {f"{layer}.{k}": v.cpu().clone() for layer, s in optimizer.layer_state.items() for k, v in s.items()},
+            "factors": {f"{layer}.{k}": v.cpu().clone() for layer, s in layers.items() for k, v in s.items()},
+            "private": {layer: sorted(s) for layer, s in optimizer.layer_state.items()},
+            "distributed": optimizer._distributor is not None,
             "collectives": counter.per_step,
             "outside": counter.outside,
             "world_size": self.trainer.world_size,
@@ -78,7 +84,7 @@ class SavingModule(PlainModule):
         torch.save(state, Path(self.out_dir) / f"rank{self.trainer.global_rank}.pt")
 
 
-def _run(out_dir: Path, devices: int, batch_size: int, accumulate: int) -> None:
+def _run(out_dir: Path, devices: int, batch_size: int, accumulate: int, **options) -> None:
     out_dir.mkdir()
     module = SavingModule(
         str(out_dir), batch_size=batch_size, n=48, sampler=InterleavedSampler if devices > 1 else None
@@ -90,20 +96,30 @@ def _run(out_dir: Path, devices: int, batch_size: int, accumulate: int) -> None:
         max_steps=STEPS,
         accumulate_grad_batches=accumulate,
         use_distributed_sampler=False,
-        callbacks=[SINGDCallback(**OPTIONS), CountCollectives()],
+        callbacks=[SINGDCallback(**{**OPTIONS, **options}), CountCollectives()],
     )
     trainer.fit(module)
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_ddp_equals_one_process_on_the_joint_batch(tmp_path, accumulate):
+@pytest.mark.parametrize(("accumulate", "distributed_work"), [(1, None), (2, None), (1, False)])
+def test_ddp_equals_one_process_on_the_joint_batch(tmp_path, accumulate, distributed_work):
     # Two ranks with micro-batches of 4 (rank r takes samples r::2) see, per
     # optimizer step, the same samples as one process with batches of 8·accumulate.
-    _run(tmp_path / "ddp", devices=2, batch_size=4, accumulate=accumulate)
+    _run(tmp_path / "ddp", devices=2, batch_size=4, accumulate=accumulate, distributed_work=distributed_work)
     _run(tmp_path / "single", devices=1, batch_size=8 * accumulate, accumulate=1)
     ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in range(2)]
     single = torch.load(tmp_path / "single" / "rank0.pt")
     assert ranks[0]["world_size"] == 2
+    # By default each rank updates the factors of its own layers (both layers
+    # have an owner, each keeps the momenta of its own); off, every rank all.
+    split = distributed_work is None
+    assert [rank["distributed"] for rank in ranks] == [split, split] and not single["distributed"]
+    holders = {layer: [r for r, rank in enumerate(ranks) if rank["private"][layer] == keys]
+               for layer, keys in single["private"].items()}
+    if split:  # one owner per layer, and both ranks own one
+        assert sorted(r for held in holders.values() for r in held) == [0, 1], holders
+    else:
+        assert all(held == [0, 1] for held in holders.values()), holders
 
     # Every rank holds identical factors and parameters.
     for key, value in ranks[0]["factors"].items():
