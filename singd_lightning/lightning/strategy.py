@@ -33,11 +33,11 @@ def check_strategy(strategy: Any) -> None:
     (``FSDPStrategy``, FSDP1's flat parameters) and DeepSpeed shard the weights
     in flat buffers, which neither the hooks nor the owners can map to layers.
 
-    Args:
-        strategy: A Lightning ``Strategy`` instance (e.g. ``trainer.strategy``).
-
     Under ``ModelParallelStrategy`` it routes the Kronecker optimizers'
     checkpoints (:func:`route_optimizer_checkpoints`).
+
+    Args:
+        strategy: A Lightning ``Strategy`` instance (e.g. ``trainer.strategy``).
 
     Raises:
         ValueError: For FSDP, DeepSpeed and any other strategy that is neither
@@ -47,16 +47,23 @@ def check_strategy(strategy: Any) -> None:
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
     sharded = isinstance(strategy, _sharded_strategy_types())
+    fsdp1 = type(strategy).__name__ == "FSDPStrategy"
     supported = (SingleDeviceStrategy, DDPStrategy, *_model_parallel_type())
     if sharded or not isinstance(strategy, supported):
         raise ValueError(
             f"SINGD does not support the {type(strategy).__name__} strategy"
-            + (" (it shards the weights in flat buffers, but SINGD needs whole layers)" if sharded else "")
+            + (" (it shards the weights in flat buffers" + (", also with use_orig_params=True" if fsdp1 else "")
+               + ", but SINGD needs whole layers)" if sharded else "")
             + ". Supported strategies: single device ('auto') and data-parallel DDP ("
             + ", ".join(repr(name) for name in SUPPORTED_STRATEGIES[2:])
             + "; multi-node through torchrun/SLURM works with 'ddp'), and for sharded models "
             "ModelParallelStrategy(data_parallel_size=..., tensor_parallel_size=1) with FSDP2's fully_shard "
-            "applied in configure_model."
+            "applied in configure_model"
+            + (
+                ": use it instead of FSDPStrategy (the app: trainer=fsdp; shard_for_strategy applies "
+                "fully_shard layer by layer)."
+                if fsdp1 else "."
+            )
         )
     route_optimizer_checkpoints(strategy)
 

@@ -203,6 +203,10 @@ def test_deepspeed_and_fsdp1_are_refused_naming_what_works():
     for strategy in (FSDPStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy)):
         with pytest.raises(ValueError, match=r"flat buffers.*'ddp'.*ModelParallelStrategy.*fully_shard"):
             check_strategy(strategy)
+    # FSDP1 with original parameters still keeps them in flat buffers: the
+    # error points to FSDP2 instead.
+    with pytest.raises(ValueError, match=r"use_orig_params=True.*use it instead of FSDPStrategy \(the app: trainer=fsdp"):
+        check_strategy(FSDPStrategy(use_orig_params=True))
 
 
 def test_callback_passes_distributed_work_on_and_checks_it():
