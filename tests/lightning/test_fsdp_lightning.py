@@ -197,6 +197,25 @@ def test_model_parallel_checkpoints_resume_exactly(tmp_path):
                 assert torch.equal(resumed["params"][name], value), (kind, name)
 
 
+def test_checkpoint_routing_happens_once_and_refuses_mixed_optimizers():
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    from singd_lightning import SINGD
+
+    strategy = ModelParallelStrategy()
+    check_strategy(strategy)
+    routed = strategy.optimizer_state
+    check_strategy(strategy)  # (a second fit) wraps nothing twice
+    assert "optimizer_state" in vars(strategy) and strategy.optimizer_state is routed
+    ddp = DDPStrategy()
+    check_strategy(ddp)  # other strategies keep their own path
+    assert "optimizer_state" not in vars(ddp)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    strategy._optimizers = [SINGD(model), torch.optim.AdamW(model.parameters())]
+    with pytest.raises(ValueError, match="next to other optimizers cannot resume under ModelParallelStrategy"):
+        strategy.load_checkpoint("unused.ckpt")
+
+
 def test_deepspeed_and_fsdp1_are_refused_naming_what_works():
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
