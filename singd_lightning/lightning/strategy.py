@@ -78,18 +78,20 @@ def route_optimizer_checkpoints(strategy: Any) -> None:
     ``set_optimizer_state_dict``, which keep only ``torch.optim``'s per-parameter
     layout: the factors and momenta would be lost, and loading fails because the
     Kronecker parameters have no per-parameter state. So, for a Kronecker
-    optimizer, the checkpoint holds its full state dict (the same on every rank,
-    gathered from the layers' owners; plain tensors): with
-    ``save_distributed_checkpoint=True`` as the folder's ``optimizer_<i>`` entry
-    (``torch.distributed.checkpoint`` writes each entry once), otherwise in the
-    one file's ``optimizer_states``. Other optimizers keep the strategy's own
-    path. Called by :func:`check_strategy`, so ``SINGDCallback`` and
-    ``configure_singd`` route them.
+    optimizer: with ``save_distributed_checkpoint=True`` each rank writes its
+    part (:func:`~singd_lightning.optim.distributed.sharded_state_dict`: the
+    layers it owns, its shards of the moments) as the folder's ``optimizer_<i>``
+    entry, read back whole by
+    :func:`~singd_lightning.optim.distributed.load_distributed_checkpoint`;
+    otherwise the one file's ``optimizer_states`` holds its full state dict.
+    Other optimizers keep the strategy's own path. Called by
+    :func:`check_strategy`, so ``SINGDCallback`` and ``configure_singd`` route
+    them.
     """
     if not isinstance(strategy, _model_parallel_type()) or getattr(strategy, "_kronecker_checkpoints", False):
         return
     from singd_lightning.optim import KroneckerOptimizer
-    from singd_lightning.optim.distributed import load_distributed_checkpoint
+    from singd_lightning.optim.distributed import load_distributed_checkpoint, sharded_state_dict
 
     strategy_optimizer_state = strategy.optimizer_state
     strategy_load_checkpoint = strategy.load_checkpoint
@@ -97,7 +99,8 @@ def route_optimizer_checkpoints(strategy: Any) -> None:
     def optimizer_state(optimizer: Any) -> dict[str, Any]:
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's optimizer
         if isinstance(optimizer, KroneckerOptimizer):
-            return optimizer.state_dict()  # collective: every rank saves
+            # (every rank calls this: the full state dict is collective)
+            return sharded_state_dict(optimizer) if strategy._save_distributed_checkpoint else optimizer.state_dict()
         return strategy_optimizer_state(optimizer)
 
     def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:

@@ -855,8 +855,9 @@ class KroneckerOptimizer(Optimizer):
         any world size): every rank must call it, since the layers' private
         state is gathered from their owners and sharded per-parameter state
         (``DTensor`` s) is gathered whole. It holds plain tensors only, so
-        ``torch.distributed.checkpoint`` saves it as it is (one copy); read it
-        back with :func:`~singd_lightning.optim.distributed.load_distributed_checkpoint`.
+        ``torch.distributed.checkpoint`` saves it as it is (one copy; or save
+        each rank's part, :func:`~singd_lightning.optim.distributed.sharded_state_dict`);
+        read it back with :func:`~singd_lightning.optim.distributed.load_distributed_checkpoint`.
         ``get_optimizer_state_dict`` keeps only ``torch.optim``'s per-parameter
         layout and would drop the factors.
         """
@@ -868,12 +869,7 @@ class KroneckerOptimizer(Optimizer):
         layers = {name: dict(layer_state) for name, layer_state in self.layer_state.items()}
         norms = dict(self.update_norm_avg)
         if self._distributor is not None:
-            layers, norms = self._distributor.gather_layer_state(self)
-            # New dicts: the packed entries are the optimizer's own state dicts.
-            state["state"] = {
-                index: {key: value.full_tensor() if is_sharded(value) else value for key, value in entry.items()}
-                for index, entry in sorted(state["state"].items())
-            }
+            layers, norms, state["state"] = self._distributor.checkpoint_state(self, state["state"])
         state["kronecker"] = {
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,

@@ -31,7 +31,7 @@ it except in a full state dict.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -123,6 +123,9 @@ class LayerDistributor:
         self.owner = {layer.name: rank for layer, rank in zip(layers, assign_owners(costs, self.world))}
         self.shared_keys = dict(shared_keys)
         self.sharded = sharded
+        #: Whether a state dict is the full state (:meth:`checkpoint_state`);
+        #: :func:`sharded_state_dict` turns it off for one call.
+        self.full_checkpoints = True
         if sharded:
             for layer in layers:
                 for p in layer.params:
@@ -319,6 +322,29 @@ class LayerDistributor:
         return bad == 0, total
 
     # ---------------------------------------------------------- checkpoints
+    def checkpoint_state(
+        self, optimizer: KroneckerOptimizer, param_state: dict[int, dict[str, Any]]
+    ) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor], dict[int, dict[str, Any]]]:
+        """The layers' states, their spike-guard norms and the per-parameter
+        state (``param_state``, as ``torch.optim`` packs it) for a state dict.
+
+        Full (collective): every layer's state gathered from its owner and
+        sharded per-parameter state gathered whole, the same on every rank.
+        Otherwise this rank's part, with no communication: the layers it owns
+        and the per-parameter state as it is (``DTensor`` shards included).
+        """
+        if not self.full_checkpoints:
+            layers = {name: dict(state) for name, state in optimizer.layer_state.items() if self.owns(name)}
+            norms = {name: value for name, value in optimizer.update_norm_avg.items() if self.owns(name)}
+            return layers, norms, {index: dict(entry) for index, entry in sorted(param_state.items())}
+        layers, norms = self.gather_layer_state(optimizer)
+        # New dicts: the packed entries are the optimizer's own state dicts.
+        full = {
+            index: {key: value.full_tensor() if is_sharded(value) else value for key, value in entry.items()}
+            for index, entry in sorted(param_state.items())
+        }
+        return layers, norms, full
+
     def gather_layer_state(self, optimizer: KroneckerOptimizer) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
         """Every layer's whole state and spike-guard running norm, from their
         owners, on every rank (one object ``all_gather``; CPU tensors)."""
@@ -410,10 +436,31 @@ def make_distributor(
     return LayerDistributor(optimizer.layers, costs, shared, sharded)
 
 
+def sharded_state_dict(optimizer: KroneckerOptimizer) -> dict[str, Any]:
+    """This rank's part of the optimizer's state, for ``torch.distributed.checkpoint``:
+    :meth:`~singd_lightning.optim.base.KroneckerOptimizer.state_dict`'s format,
+    but with only the layers this rank owns (factors, momenta, spike-guard norms)
+    and the sharded per-parameter state as ``DTensor`` shards. No communication
+    and no full copy: ``dcp.save({..., "optim": sharded_state_dict(optimizer)})``
+    on every rank writes each layer once, from its owner, and each moment's
+    shards from their ranks; :func:`load_distributed_checkpoint` reads it back
+    whole (into any world size). Without distributed work it is ``state_dict()``.
+    """
+    distributor = optimizer._distributor
+    if distributor is None:
+        return optimizer.state_dict()
+    distributor.full_checkpoints = False
+    try:
+        return optimizer.state_dict()
+    finally:
+        distributor.full_checkpoints = True
+
+
 def load_distributed_checkpoint(optimizer: KroneckerOptimizer, checkpoint_id: str | os.PathLike, key: str = "optim") -> None:
     """Load ``optimizer`` from a ``torch.distributed.checkpoint`` folder that holds
-    its :meth:`~singd_lightning.optim.base.KroneckerOptimizer.state_dict` under
-    ``key`` (``dcp.save({..., key: optimizer.state_dict()}, checkpoint_id=...)``).
+    its :func:`sharded_state_dict` or its full
+    :meth:`~singd_lightning.optim.base.KroneckerOptimizer.state_dict` under ``key``
+    (``dcp.save({..., key: sharded_state_dict(optimizer)}, checkpoint_id=...)``).
 
     ``dcp.load`` fills only the entries of the state dict it is given, so a
     fresh optimizer's (no first-order moments yet, no spike-guard norms) would
@@ -470,4 +517,5 @@ __all__ = [
     "optimizer_state_bytes",
     "shard_like",
     "shard_rows",
+    "sharded_state_dict",
 ]

@@ -26,9 +26,11 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 from singd_lightning import KFAC, SINGD
 from singd_lightning.optim.distributed import (
     assign_owners,
+    is_sharded,
     load_distributed_checkpoint,
     optimizer_state_bytes,
     shard_rows,
+    sharded_state_dict,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -169,24 +171,30 @@ def _worker(rank: int, store: str, out: str) -> None:
         resumed = SINGD(resumed_model, lr=0.05, T=1, structures="dense", alpha1=0.5)
         resumed.load_state_dict(copy.deepcopy(state))  # (loading keeps its "step" tensors)
         _train(resumed_model, resumed, range(2, 4), rank, WORLD)
-        results["checkpoint"] = {"state": state, "params": params, "continued": _full(model),
+        results["checkpoint"] = {"owners": dict(optimizer._distributor.owner), "state": state, "params": params, "continued": _full(model),
                                  "resumed": _full(resumed_model), "bytes_equal": optimizer_state_bytes(resumed) == optimizer_state_bytes(optimizer)}
 
-        # torch.distributed.checkpoint: the optimizer's state dict saved as it is
-        # (written once: the same on every rank), read back whole.
+        # torch.distributed.checkpoint: each rank's part (its layers, its shards),
+        # or the full state dict (written once: the same on every rank); both
+        # read back whole.
         model = _shard(_model())
         optimizer = SINGD(model, lr=0.05, T=1, structures="dense", alpha1=0.5)
         _train(model, optimizer, range(2), rank, WORLD)
-        dcp.save({"model": get_model_state_dict(model), "optim": optimizer.state_dict()}, checkpoint_id=Path(out) / "dcp")
+        part = sharded_state_dict(optimizer)
+        results["dcp_part"] = {"layers": sorted(part["kronecker"]["layers"]),
+                               "sharded_moments": all(is_sharded(v) for e in part["state"].values() for k, v in e.items() if k != "step")}
+        for folder, state in (("dcp", part), ("dcp_full", optimizer.state_dict())):
+            dcp.save({"model": get_model_state_dict(model), "optim": state}, checkpoint_id=Path(out) / folder)
         _train(model, optimizer, range(2, 4), rank, WORLD)
-        resumed_model = _shard(_model())
-        resumed = SINGD(resumed_model, lr=0.05, T=1, structures="dense", alpha1=0.5)
-        loaded = {"model": get_model_state_dict(resumed_model)}
-        dcp.load(loaded, checkpoint_id=Path(out) / "dcp")
-        set_model_state_dict(resumed_model, loaded["model"])
-        load_distributed_checkpoint(resumed, Path(out) / "dcp")
-        _train(resumed_model, resumed, range(2, 4), rank, WORLD)
-        results["dcp"] = {"continued": _full(model), "resumed": _full(resumed_model)}
+        for folder in ("dcp", "dcp_full"):
+            resumed_model = _shard(_model())
+            resumed = SINGD(resumed_model, lr=0.05, T=1, structures="dense", alpha1=0.5)
+            loaded = {"model": get_model_state_dict(resumed_model)}
+            dcp.load(loaded, checkpoint_id=Path(out) / folder)
+            set_model_state_dict(resumed_model, loaded["model"])
+            load_distributed_checkpoint(resumed, Path(out) / folder)
+            _train(resumed_model, resumed, range(2, 4), rank, WORLD)
+            results[folder] = {"continued": _full(model), "resumed": _full(resumed_model)}
 
         # An embedding (its weight's rows are the input side of Ĝ).
         model = _shard_embedding(_embedding_model())
@@ -294,14 +302,19 @@ def test_full_state_dict_resumes_exactly_sharded_and_unsharded(ranks):
     assert optimizer.state_dict()["kronecker"]["layers"].keys() == result["state"]["kronecker"]["layers"].keys()
 
 
-def test_distributed_checkpoint_resumes_exactly_sharded_and_unsharded(ranks):
+@pytest.mark.parametrize("folder", ["dcp", "dcp_full"])
+def test_distributed_checkpoint_resumes_exactly_sharded_and_unsharded(ranks, folder):
+    # Each rank's part holds the layers it owns and the moments' shards only.
+    owners = ranks[0]["checkpoint"]["owners"]
+    for r, rank in enumerate(ranks):
+        assert rank["dcp_part"] == {"layers": sorted(n for n, o in owners.items() if o == r), "sharded_moments": True}
     # Resumed sharded from the folder: exactly the run that went on.
     for rank in ranks:
-        for key, value in rank["dcp"]["continued"].items():
-            assert torch.equal(rank["dcp"]["resumed"][key], value), key
+        for key, value in rank[folder]["continued"].items():
+            assert torch.equal(rank[folder]["resumed"][key], value), key
     # The same folder read by one process without a process group (another
     # world size): the full state, the same up to summation order.
-    folder = ranks[0]["out"] / "dcp"
+    folder = ranks[0]["out"] / folder
     model = _model()
     loaded = {"model": model.state_dict()}
     dcp.load(loaded, checkpoint_id=folder)
@@ -310,7 +323,7 @@ def test_distributed_checkpoint_resumes_exactly_sharded_and_unsharded(ranks):
     load_distributed_checkpoint(optimizer, folder)
     assert optimizer.steps == 2 and optimizer.state  # the AdamW moments are back
     _train(model, optimizer, range(2, 4))
-    _assert_close(ranks[0]["dcp"]["continued"], _full(model))
+    _assert_close(ranks[0][folder.name]["continued"], _full(model))
     with pytest.raises(ValueError, match="holds no entry 'optimizer'"):
         load_distributed_checkpoint(optimizer, folder, key="optimizer")
 
