@@ -456,7 +456,9 @@ def sharded_state_dict(optimizer: KroneckerOptimizer) -> dict[str, Any]:
         distributor.full_checkpoints = True
 
 
-def load_distributed_checkpoint(optimizer: KroneckerOptimizer, checkpoint_id: str | os.PathLike, key: str = "optim") -> None:
+def load_distributed_checkpoint(
+    optimizer: KroneckerOptimizer, checkpoint_id: str | os.PathLike, key: str = "optim"
+) -> None:
     """Load ``optimizer`` from a ``torch.distributed.checkpoint`` folder that holds
     its :func:`sharded_state_dict` or its full
     :meth:`~singd_lightning.optim.base.KroneckerOptimizer.state_dict` under ``key``
@@ -467,7 +469,8 @@ def load_distributed_checkpoint(optimizer: KroneckerOptimizer, checkpoint_id: st
     drop some of the saved state; this reads every saved entry under ``key``
     instead (the layout comes from the checkpoint's metadata), then calls
     ``optimizer.load_state_dict``, which checks it. Collective when a process
-    group is initialised: every rank calls it. The checkpoint may come from any
+    group is initialised: every rank calls it, and each reads the whole state
+    (on the CPU) before keeping its part. The checkpoint may come from any
     world size, sharded or not.
 
     Raises:
@@ -483,7 +486,9 @@ def load_distributed_checkpoint(optimizer: KroneckerOptimizer, checkpoint_id: st
     load({}, checkpoint_id=checkpoint_id, planner=planner)
     state = planner.original_state_dict
     if key not in state:
-        raise ValueError(f"checkpoint_id: {str(checkpoint_id)!r} holds no entry {key!r} (the key the optimizer's state was saved under).")
+        raise ValueError(
+            f"checkpoint_id: {str(checkpoint_id)!r} holds no entry {key!r} (the key the optimizer's state was saved under)."
+        )
     saved = dict(state[key])
     # (the checkpoint's paths keep the parameters' integer indices as strings)
     saved["state"] = {
