@@ -454,9 +454,10 @@ def quick_main(args) -> int:
         with open(args.baseline) as f:
             baseline = json.load(f)["ratios"]
     start = time.perf_counter()
-    ratios = quick_ratios(models, args.batch_size or 16, args.steps or 15, args.warmup)
+    batch_size = 16 if args.batch_size is None else args.batch_size
+    ratios = quick_ratios(models, batch_size, 15 if args.steps is None else args.steps, args.warmup)
     print(f"# --quick: {time.perf_counter() - start:.0f} s, {torch.get_num_threads()} thread(s), "
-          f"batch {args.batch_size or 16}; step time ×AdamW (median over rounds)")
+          f"batch {batch_size}; step time ×AdamW (median over rounds)")
     for key, ratio in ratios.items():
         print(f"{key:40s} {ratio:6.2f}" + (f"   baseline {baseline[key]:.2f}" if key in baseline else ""))
     if args.write_baseline:
@@ -465,7 +466,7 @@ def quick_main(args) -> int:
                     "(rewrite with --quick --write-baseline)",
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
             "threads": torch.get_num_threads(),
-            "batch_size": args.batch_size or 16,
+            "batch_size": batch_size,
             "ratios": {key: round(ratio, 3) for key, ratio in ratios.items()},
         }
         with open(args.baseline, "w") as f:
@@ -511,6 +512,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    for name in ("steps", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.margin <= 1:
         parser.error(f"--margin must be above 1, got {args.margin}")
     if (args.write_baseline or args.baseline != QUICK_BASELINE) and not args.quick:
@@ -524,8 +528,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--quick runs on the CPU in float32, eager: drop --device, --dtype and --compile")
         sys.exit(quick_main(args))
     args.models = args.models or ["vgg", "vit", "convmixer"]
-    args.batch_size = args.batch_size or 64
-    args.steps = args.steps or 5
+    args.batch_size = 64 if args.batch_size is None else args.batch_size
+    args.steps = 5 if args.steps is None else args.steps
     if args.compile and args.warmup < 1:
         parser.error("--warmup must be at least 1 with --compile (the first steps compile the model)")
     if args.peak_of:

@@ -86,6 +86,8 @@ def test_quick_rejects_options_it_cannot_honour(capsys):
     assert "--baseline and --write-baseline belong to --quick" in capsys.readouterr().err
     assert _quick(["--quick", "--margin", "0.9"]) == 2
     assert "--margin must be above 1" in capsys.readouterr().err
+    assert _quick(["--quick", "--steps", "0"]) == 2
+    assert "--steps must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_the_recorded_baseline_covers_the_quick_models():
