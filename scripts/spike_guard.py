@@ -95,7 +95,9 @@ def _optimizer(method: str, structure: str, model: nn.Module, guards: bool, T: i
         return torch.optim.AdamW(model.parameters(), lr=LEARNING_RATES["adamw"])
     if method == "sgd":
         return torch.optim.SGD(model.parameters(), lr=LEARNING_RATES["sgd"], momentum=0.9)
-    options = {} if guards else {"max_factor_step": None, "update_clip": None}
+    # The spike guards measured here are max_factor_step and update_clip; the KL
+    # clip (SINGD's default) stays off so that they are measured alone.
+    options = {"kl_clip": None} if guards else {"max_factor_step": None, "update_clip": None, "kl_clip": None}
     return SINGD(model, lr=LEARNING_RATES["singd"], T=T, structures=(structure, structure), **options)
 
 

@@ -10,8 +10,9 @@ the workload's target accuracy (the first epoch end at or above it), the final a
 the best test accuracy, and the training loss per epoch. The configurations:
 AdamW and KFAC (baselines), INGD (dense SINGD) and hierarchical SINGD with
 ``factor_init`` identity (the paper), scaled_identity and warm, INGD warm with
-``kl_clip=1e-3``, INGD with the authors' β₁ warm-up, INGD with α₁ = 0 (no Riemannian momentum) and IKFAC (no trace
-terms). Then the long run: INGD dense at lr 0.03 for ``--long-epochs`` epochs on
+``kl_clip=1e-3``, INGD with the authors' β₁ warm-up, INGD with α₁ = 0 (no
+Riemannian momentum) and IKFAC (no trace terms), and the identity and warm starts
+of INGD, IKFAC and hierarchical SINGD with ``kl_clip=1e-3``. Then the long run: INGD dense at lr 0.03 for ``--long-epochs`` epochs on
 MNIST-1D, without and with ``kl_clip``; its training loss curves go to ``--png``.
 
     python scripts/warm_start.py --json docs/warm-start-cpu.json --png docs/warm-start-cpu.png
@@ -42,21 +43,30 @@ HIER = {"name": "hierarchical", "k1": 15, "k2": 15}
 
 
 def _configs() -> dict[str, callable]:
-    """Name -> ``(model, lr) -> optimizer``."""
+    """Name -> ``(model, lr) -> optimizer``. Every option the library's defaults
+    set is given explicitly, so the names keep their meaning if defaults change."""
     common = dict(damping=1e-3, T=10)
+    paper = dict(common, factor_init="identity", kl_clip=None)
+    clipped = dict(common, kl_clip=1e-3)
     return {
         "adamw": lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr),
-        "kfac": lambda m, lr: KFAC(m, lr=lr, damping=1e-2, T=10),
-        "ingd_identity": lambda m, lr: INGD(m, lr=lr, **common),
-        "ingd_scaled_identity": lambda m, lr: INGD(m, lr=lr, factor_init="scaled_identity", **common),
-        "ingd_warm": lambda m, lr: INGD(m, lr=lr, factor_init="warm", **common),
-        "ingd_warm_kl_clip": lambda m, lr: INGD(m, lr=lr, factor_init="warm", kl_clip=1e-3, **common),
-        "ingd_authors_warmup": lambda m, lr: INGD(m, lr=lr, lr_cov=lr_cov_warmup(1e-2), **common),
-        "ingd_alpha1_0": lambda m, lr: INGD(m, lr=lr, alpha1=0.0, **common),
-        "ikfac_identity": lambda m, lr: IKFAC(m, lr=lr, **common),
-        "ikfac_warm": lambda m, lr: IKFAC(m, lr=lr, factor_init="warm", **common),
-        "singd_hier_identity": lambda m, lr: SINGD(m, lr=lr, structures=(HIER, HIER), **common),
-        "singd_hier_warm": lambda m, lr: SINGD(m, lr=lr, structures=(HIER, HIER), factor_init="warm", **common),
+        "kfac": lambda m, lr: KFAC(m, lr=lr, damping=1e-2, T=10, kl_clip=None),
+        "ingd_identity": lambda m, lr: INGD(m, lr=lr, **paper),
+        "ingd_identity_kl_clip": lambda m, lr: INGD(m, lr=lr, factor_init="identity", **clipped),
+        "ingd_scaled_identity": lambda m, lr: INGD(m, lr=lr, **dict(paper, factor_init="scaled_identity")),
+        "ingd_warm": lambda m, lr: INGD(m, lr=lr, **dict(paper, factor_init="warm")),
+        "ingd_warm_kl_clip": lambda m, lr: INGD(m, lr=lr, factor_init="warm", **clipped),
+        "ingd_authors_warmup": lambda m, lr: INGD(m, lr=lr, lr_cov=lr_cov_warmup(1e-2), **paper),
+        "ingd_alpha1_0": lambda m, lr: INGD(m, lr=lr, alpha1=0.0, **paper),
+        "ikfac_identity": lambda m, lr: IKFAC(m, lr=lr, **paper),
+        "ikfac_identity_kl_clip": lambda m, lr: IKFAC(m, lr=lr, factor_init="identity", **clipped),
+        "ikfac_warm": lambda m, lr: IKFAC(m, lr=lr, **dict(paper, factor_init="warm")),
+        "ikfac_warm_kl_clip": lambda m, lr: IKFAC(m, lr=lr, factor_init="warm", **clipped),
+        "singd_hier_identity": lambda m, lr: SINGD(m, lr=lr, structures=(HIER, HIER), **paper),
+        "singd_hier_warm": lambda m, lr: SINGD(m, lr=lr, structures=(HIER, HIER), **dict(paper, factor_init="warm")),
+        "singd_hier_warm_kl_clip": lambda m, lr: SINGD(
+            m, lr=lr, structures=(HIER, HIER), factor_init="warm", **clipped
+        ),
     }
 
 
@@ -168,6 +178,36 @@ def _plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def small_batches(batches: list[int], steps: int = 60, width: int = 108) -> list[dict]:
+    """The identity and the warm start on a batch smaller or larger than a layer's
+    input: an MLP ``width``-64-3 on Gaussian inputs labelled by a fixed linear map
+    (lr 0.05, β₁ 0.05, T = 2, SINGD's other defaults). Returns per start and
+    batch size the spike guards' counters and the final training loss."""
+    torch.manual_seed(0)
+    teacher = torch.randn(3, width)
+    rows = []
+    for batch in batches:
+        for start in ("identity", "warm"):
+            torch.manual_seed(1)
+            model = nn.Sequential(nn.Linear(width, 64), nn.ReLU(), nn.Linear(64, 3))
+            optimizer = SINGD(model, lr=0.05, lr_cov=0.05, T=2, factor_init=start)
+            generator = torch.Generator().manual_seed(0)
+            for _ in range(steps):
+                x = torch.randn(batch, width, generator=generator)
+                y = (x @ teacher.T).argmax(1)
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+            with torch.no_grad():
+                loss = nn.functional.cross_entropy(model(x), y).item()
+            rows.append({"start": start, "batch": batch, "width": width, "clipped_updates": optimizer.clipped_updates,
+                         "clipped_factor_updates": optimizer.clipped_factor_updates, "final_loss": loss})
+            print(f"small batches: {start} batch {batch} (width {width}): clipped updates "
+                  f"{optimizer.clipped_updates}, clipped factor steps {optimizer.clipped_factor_updates}, "
+                  f"loss {loss:.3f}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", nargs="+", default=["mnist1d", "digits"], choices=sorted(TARGETS))
@@ -181,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--width", type=int, default=256, help="hidden width (MNIST-1D; digits uses half)")
     parser.add_argument("--limit", type=int, default=None, help="use only this many samples (smoke tests)")
+    parser.add_argument("--small-batches", type=int, nargs="*", default=[8, 32, 256],
+                        help="batch sizes of the small-batch check of the warm start (none: skip)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--png", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -203,8 +245,9 @@ def main(argv: list[str] | None = None) -> None:
                               f"steps {r['steps_to_target']} ({r['seconds']:.0f} s)", flush=True)
         long_rows = []
         if args.long_epochs:
-            common = dict(damping=1e-3, T=10)
-            variants = {"ingd": lambda m, lr: INGD(m, lr=lr, **common)}
+            # The paper's start in each: the long run isolates the clip.
+            common = dict(damping=1e-3, T=10, factor_init="identity")
+            variants = {"ingd": lambda m, lr: INGD(m, lr=lr, kl_clip=None, **common)}
             for kappa in args.kl_clip:
                 variants[f"ingd_kl_clip{kappa:g}"] = lambda m, lr, k=kappa: INGD(m, lr=lr, kl_clip=k, **common)
             for name, build in variants.items():
@@ -212,10 +255,12 @@ def main(argv: list[str] | None = None) -> None:
                     run("mnist1d", name, build, args.long_lr, args.long_epochs, args.seeds[0], args.width, args.limit)
                 )
                 print(f"long {name}: final {long_rows[-1]['final_acc']:.3f}", flush=True)
+        small = small_batches(args.small_batches) if args.small_batches else []
     print(_table(rows + long_rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": rows, "long": long_rows}, indent=1))
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": rows, "long": long_rows,
+                                              "small_batches": small}, indent=1))
     if args.png and long_rows:
         _plot(long_rows, args.png)
 

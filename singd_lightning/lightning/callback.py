@@ -19,7 +19,7 @@ import inspect
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -314,8 +314,9 @@ class SINGDCallback(SINGDDiagnostics):
             this step, or before ``20·T`` with ``"auto"`` (default 0).
         update_clip: Spike guard of the layer updates: the largest update norm
             relative to its running RMS, or None for never (default 30).
-        kl_clip: KL clip κ of the preconditioned updates, or None for off
-            (default None).
+        kl_clip: KL clip κ of the preconditioned updates, None for off, or
+            ``"default"``: the optimizer's own (1e-3 for SINGD, INGD and IKFAC;
+            off for KFAC).
         init_grad_scale: The loss scale expected in the first backward pass
             (default 1).
         distributed_work: Split the factor work over the ranks, each layer
@@ -365,7 +366,7 @@ class SINGDCallback(SINGDDiagnostics):
         fallback_weight_decay: float | None = 0.0,
         weight_decay_start: int | str | None = None,
         update_clip: float | None = UPDATE_CLIP,
-        kl_clip: float | None = None,
+        kl_clip: float | Literal["default"] | None = "default",
         init_grad_scale: float | None = None,
         distributed_work: bool | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,

@@ -23,6 +23,15 @@ MAX_FACTOR_STEP = 0.5
 
 #: Choices of ``factor_init``, the factors' values before their first update.
 FACTOR_INITS = ("identity", "scaled_identity", "warm")
+#: Default KL clip κ of SINGD, INGD and IKFAC (README, "Starting the factors"):
+#: without it, dense INGD at a fixed lr 0.03 on MNIST-1D diverged after 30
+#: epochs as its factors grew; with it, its loss kept falling. In the first
+#: epochs of the short runs measured it never bound (the same accuracies).
+KL_CLIP = 1e-3
+#: The options that give the paper's update (SPEC §1) where the defaults go
+#: beyond it: ``SINGD(model, **PAPER_UPDATE)``. The spike guards
+#: (``max_factor_step``, ``update_clip``) change nothing unless they act.
+PAPER_UPDATE: dict = {"factor_init": "identity", "kl_clip": None}
 #: Key of the 0-dim marker in a layer's state once ``factor_init`` has set its
 #: factors (saved in checkpoints, so a resumed run does not start them again).
 INITIALIZED = "factors_initialized"
@@ -124,12 +133,22 @@ class SINGD(KroneckerOptimizer):
             that bound, and leaves the Riemannian momentum as it was; in
             ``(0, 1)``, or None for the paper's update, unbounded.
         factor_init: The factors before their first update: ``"identity"`` (the
-            paper: K = C = I), ``"scaled_identity"`` (``c_K I``, ``c_C I`` with
-            the scale of the fixed point of the update for the first statistics,
-            from their traces) or ``"warm"`` (from the scaled identity, the factor
-            update repeated on the first statistics until it settles, within the
-            structure). Applied at a layer's first preconditioner update, in place
-            of that update; see :meth:`_initial_factors`.
+            default and the paper: K = C = I), ``"scaled_identity"`` (``c_K I``,
+            ``c_C I`` with the scale of the fixed point of the update for the
+            first statistics, from their traces) or ``"warm"`` (from the scaled identity, the factor update
+            repeated on the first statistics until it settles, within the
+            structure). Applied at a layer's first preconditioner update, in
+            place of that update; see :meth:`_initial_factors`. The warm start
+            costs ``O(d³)`` once per factor of size ``d``: 0.9 s for a dense
+            768 × 768 layer and 23 s for a dense 768 × 3072 layer on a 2-core
+            CPU. It is not the default: from one batch whose rows span less
+            than a layer's input (batch < width) it sets a large preconditioner
+            on the unseen directions, and the next batches' updates there trip
+            the spike guards (README, "Starting the factors").
+        kl_clip: KL clip κ: every preconditioned update of the layers that share
+            this value is scaled by ``min(1, sqrt(κ / |Σ lr² ⟨u, g⟩|))``, which
+            bounds the step's second-order KL divergence (default
+            :data:`KL_CLIP`); None: off, the paper's update.
         preconditioner_dtype: ``(K's, C's)`` dtype; None means the weight's dtype.
         **kwargs: Fallback and loss-scaler options of
             :class:`~singd_lightning.optim.base.KroneckerOptimizer`.
@@ -165,6 +184,7 @@ class SINGD(KroneckerOptimizer):
         max_factor_step: float | None = MAX_FACTOR_STEP,
         preconditioner_dtype: tuple = (None, None),
         factor_init: str = "identity",
+        kl_clip: float | None = KL_CLIP,
         **kwargs,
     ) -> None:
         self._layouts: dict[str, tuple[Structure, Structure]] = {}
@@ -186,7 +206,7 @@ class SINGD(KroneckerOptimizer):
             preconditioner_dtype=preconditioner_dtype,
             factor_init=factor_init,
         )
-        super().__init__(model, params, defaults, **kwargs)
+        super().__init__(model, params, defaults, kl_clip=kl_clip, **kwargs)
 
     def _validate_group(self, group: dict) -> None:
         check_range("alpha1", group["alpha1"], 0.0, 1.0)

@@ -84,6 +84,11 @@ def test_recipe_changes_only_the_kronecker_methods(name: str, cls: type) -> None
         assert (group["weight_decay_start"], group["fallback_weight_decay"]) == ("auto", None)
         warmup = AUTHORS_WARMUPS["authors_kfac_warmup" if name == "kfac" else "authors_warmup"]
         assert group["lr_cov"] == LrCovWarmup(cfg.optimizer.lr_cov, *warmup)
+        # no KL clip with the recipe; without it, the library's default clip
+        assert (group["factor_init"], group["kl_clip"]) == ("identity", None)
+        plain = _configured(compose_cfg(["experiment=cifar100_vgg", f"optimizer={name}", "recipe=none"]))
+        plain = plain["optimizer"].param_groups[0]
+        assert (plain["factor_init"], plain["kl_clip"]) == ("identity", 1e-3)
 
 
 def test_recipe_none_keeps_todays_defaults_and_overrides_win() -> None:

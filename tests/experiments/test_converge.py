@@ -215,6 +215,12 @@ def test_one_tuning_method_per_optimizer_and_singd_tunes_with_its_fixed_options(
     assert params == {"optimizer.lr": 0.01, "optimizer.factor_init": "warm", "optimizer.kl_clip": 0.001}
     comment = converge.tuned_comment(MLP, singd, converge.FULL, {"best_metric": 0.7})
     assert comment[-1] == "The variant's fixed options are part of the setting: optimizer.factor_init=warm optimizer.kl_clip=0.001."
+    # INGD is tuned in the paper's mode, and its file says so (null is YAML's None).
+    ingd = next(m for m in tuning if m.optimizer == "ingd")
+    params = converge.tuned_params(ingd, {"params": {"optimizer.lr": 0.01}})
+    assert params == {"optimizer.lr": 0.01, "optimizer.factor_init": "identity", "optimizer.kl_clip": None}
+    text = converge.tuned_file_text(params, [])
+    assert OmegaConf.to_container(OmegaConf.create(text))["optimizer"]["kl_clip"] is None
 
 
 
@@ -262,15 +268,17 @@ def test_tuned_files_come_from_the_tuning_workload_and_method(tmp_path: Path) ->
 
 def test_missing_configs_and_options_leave_workloads_and_methods_out(tmp_path: Path) -> None:
     (tmp_path / "optimizer").mkdir()
-    (tmp_path / "optimizer" / "singd.yaml").write_text("name: singd\nlr: 0.001\n")
+    # a SINGD config from before the KL clip: every SINGD variant pins kl_clip
+    (tmp_path / "optimizer" / "singd.yaml").write_text("name: singd\nlr: 0.001\nfactor_init: identity\n")
     (tmp_path / "optimizer" / "adamw.yaml").write_text("name: adamw\nlr: 0.001\n")
     budget = converge.Budget(trials=1, seeds=1, bf16_seeds=1, workloads=("mnist1d-mlp", "text-gpt"),
                              methods=("AdamW", "SINGD-hier", "SINGD-hier+warm"))  # fmt: skip
     workloads, methods, notes = converge.select(budget, conf=tmp_path)
     assert [w.name for w in workloads] == ["mnist1d-mlp"]
-    assert [m.label for m in methods] == ["AdamW", "SINGD-hier"]
+    assert [m.label for m in methods] == ["AdamW"]
     assert "workload text-gpt left out: no conf/experiment/text_gpt.yaml" in notes[0]
-    assert notes[1] == "method SINGD-hier+warm left out: no optimizer option 'factor_init' of optimizer=singd"
+    assert notes[1:] == [f"method {label} left out: no optimizer option 'kl_clip' of optimizer=singd"
+                         for label in ("SINGD-hier", "SINGD-hier+warm")]  # fmt: skip
     with pytest.raises(ValueError, match="workload 'cifar' does not exist; choose from digits-vgg, "):
         converge.select(converge.Budget(1, 1, 1, workloads=("cifar",)), conf=tmp_path)
     with pytest.raises(ValueError, match="method 'Adam' does not exist; choose from AdamW, "):

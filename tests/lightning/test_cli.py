@@ -11,6 +11,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
+from torch import nn
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins import MixedPrecision
 
@@ -140,7 +141,19 @@ def test_signature_covers_every_optimizer_option_with_its_default():
     }
     for name in options:
         default = parameters[name].default
-        assert default is None or default == optimizer_defaults[name], name
+        # "default": the option's default differs between the optimizers (kl_clip)
+        assert default in (None, "default") or default == optimizer_defaults[name], name
+
+
+@pytest.mark.parametrize(
+    "optimizer, given, expected",
+    [("singd", {}, 1e-3), ("singd", {"kl_clip": None}, None), ("ikfac", {}, 1e-3), ("kfac", {}, None),
+     ("kfac", {"kl_clip": 1e-3}, 1e-3), ("kfac", {"kl_clip": "default"}, None)],
+)
+def test_kl_clip_default_is_each_optimizers_own(optimizer, given, expected):
+    callback = SINGDCallback(optimizer=optimizer, **given)
+    built = KRONECKER_OPTIMIZERS[optimizer](nn.Linear(3, 2), **callback.options)
+    assert built.param_groups[0]["kl_clip"] == expected
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from singd_lightning import SINGD
+from singd_lightning.optim import PAPER_UPDATE
 
 reference = pytest.importorskip("singd.optim.optimizer")
 
@@ -54,7 +55,8 @@ def _run(model_fn, data, dtype, steps=4, loss="mean", **hyper):
     models = [base, _copy(base), _copy(base)]  # the third stays at the initialisation
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        optimizers = [reference.SINGD(models[0], **hyper), SINGD(models[1], **hyper)]
+        # Ours in the paper's mode: the reference has neither the warm start nor the KL clip.
+        optimizers = [reference.SINGD(models[0], **hyper), SINGD(models[1], **hyper, **PAPER_UPDATE)]
     reduction = "sum" if loss == "sum" else "mean"
     for _ in range(steps):
         for model, optimizer in zip(models[:2], optimizers):

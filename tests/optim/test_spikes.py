@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from singd_lightning import KFAC, SINGD
+from singd_lightning.optim import PAPER_UPDATE
 
 STRUCTURES = ["dense", "diagonal", "hierarchical", "tril_toeplitz"]
 SPIKES = [1e2, 1e6, 1e18]
@@ -101,12 +102,13 @@ def test_bf16_input_spike_is_guarded(T):
 
 @pytest.mark.parametrize("T,scale", [(1, 1e2), (10, 1e6)], ids=["collecting-1e2", "non-collecting-1e6"])
 def test_without_guards_the_same_spike_ruins_training(T, scale):
-    """The paper's unguarded update (both guards None) under spikes that the
-    guarded runs above survive: training does not recover (so the guards, not
-    the problem, are what the tests above measure)."""
+    """The paper's unguarded update (both guards None, no KL clip, the identity
+    start) under spikes that the guarded runs above survive: training does not
+    recover (so the guards, not the problem, are what the tests above measure)."""
     optimizer, model, before, after, _, _ = _spiked_run(
         lambda m, T: SINGD(
-            m, lr=0.05, lr_cov=0.01, T=T, structures=("dense", "dense"), max_factor_step=None, update_clip=None
+            m, lr=0.05, lr_cov=0.01, T=T, structures=("dense", "dense"), max_factor_step=None, update_clip=None,
+            **PAPER_UPDATE,
         ),
         torch.float32, T, scale=scale,
     )

@@ -116,6 +116,18 @@ def test_singd_syncs_per_step_do_not_grow_with_layers(name, options, T):
     assert all(0 < n <= 4 for n in shallow[len(expected_plain):])
 
 
+def test_warm_start_syncs_per_step_do_not_grow_with_layers():
+    def make(model):
+        return SINGD(model, lr=1e-2, T=1, structures="dense", factor_init="warm", kl_clip=1e-3)
+
+    # The warm start's factors on this tiny batch: one more read than above where
+    # the factor step's cheap bound cannot clear it and its power-iteration
+    # estimate runs (one read for all layers, so a deeper model may need it where
+    # a shallow one does not, but never more).
+    for counts in (_syncs_per_step(make, 1, 3), _syncs_per_step(make, 4, 3)):
+        assert all(0 < n <= 5 for n in counts), counts
+
+
 def test_kfac_syncs_per_step_do_not_grow_with_layers():
     def make(model):
         return KFAC(model, lr=1e-2, T=1)
