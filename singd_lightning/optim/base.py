@@ -32,6 +32,7 @@ from singd_lightning.optim.curvature import (
 from singd_lightning.optim.checkpoint import CALLABLE_PLACEHOLDER, checked_state_dict
 from singd_lightning.optim.distributed import is_sharded, local, make_distributor, shard_like
 from singd_lightning.optim.fallback import FALLBACK_STEPS, momentum_step
+from singd_lightning.optim.kl_clip import kl_clip_scale
 from singd_lightning.optim.hyperparameters import (
     check_grad_scaler,
     check_range,
@@ -55,21 +56,6 @@ FALLBACK_DEFAULTS = dict(
 UPDATE_CLIP = 30.0
 #: Decay of the running mean of a layer's squared update norm (~20 steps).
 UPDATE_NORM_DECAY = 0.95
-
-
-def kl_clip_scale(kl_clip: float, terms: list[Tensor]) -> Tensor:
-    """KFAC's KL clip: ``ν = min(1, sqrt(κ / |Σ_l lr_l² ⟨u_l, g_l⟩|))`` as a 0-dim
-    tensor (no host synchronisation), for the layers' ``terms``
-    ``lr_l² ⟨u_l, g_l⟩`` of preconditioned update ``u_l`` and gradient ``g_l``.
-
-    ``lr² ⟨u, g⟩ = lr² gᵀ P g`` is the squared length of the step ``lr · P g`` in
-    the metric ``P⁻¹`` (the Fisher the preconditioner approximates): twice the
-    KL divergence the step causes, to second order. Scaling every update by ν
-    bounds it by κ, whatever the preconditioner's growth.
-    """
-    total = torch.stack([t.reshape(()).to(terms[0].device) for t in terms]).sum().abs()
-    # 0/0 (no gradient at all) is no reason to scale: ν = 1 then.
-    return (kl_clip / total.clamp(min=torch.finfo(total.dtype).tiny)).sqrt().clamp(max=1.0)
 
 
 def _is_compiled(model: nn.Module) -> bool:

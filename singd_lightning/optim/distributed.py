@@ -31,16 +31,16 @@ it except in a full state dict.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from singd_lightning.optim.curvature import EmbeddingLayer, KroneckerLayer
+from singd_lightning.optim.kl_clip import kl_clip_scale
 
-if TYPE_CHECKING:
-    from singd_lightning.optim.base import KroneckerOptimizer
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -113,6 +113,10 @@ class LayerDistributor:
             live on the layer's owner only.
         sharded: Whether the parameters are sharded ``DTensor`` s (FSDP2): the
             owners then also precondition the gradients.
+
+    The ``optimizer`` its methods take is the
+    :class:`~singd_lightning.optim.base.KroneckerOptimizer` that owns it (typed as
+    ``torch.optim.Optimizer``: ``base`` imports this module, not the reverse).
     """
 
     def __init__(
@@ -143,7 +147,7 @@ class LayerDistributor:
         return {key: value for key, value in state.items() if key in self.shared_keys[name]}
 
     # ------------------------------------------------------------ factors
-    def share_factors(self, optimizer: KroneckerOptimizer, names: list[str], counters: list[int]) -> list[int]:
+    def share_factors(self, optimizer: Optimizer, names: list[str], counters: list[int]) -> list[int]:
         """Give every rank the shared state of the layers ``names`` from their
         owners, and sum ``counters`` over ranks: one ``all_gather`` per dtype of
         the shared tensors. Replaces the non-owned layers' state dicts (new
@@ -189,7 +193,7 @@ class LayerDistributor:
 
     # ------------------------------------------------------- sharded updates
     def sharded_updates(
-        self, optimizer: KroneckerOptimizer, with_grad: set[int], pending_avg: dict[str, Tensor], clip_flags: list[Tensor]
+        self, optimizer: Optimizer, with_grad: set[int], pending_avg: dict[str, Tensor], clip_flags: list[Tensor]
     ) -> dict[int, Tensor]:
         """The preconditioned update of every sharded Kronecker parameter whose id
         is in ``with_grad``, as ``DTensor`` s shaped and sharded like it.
@@ -301,7 +305,6 @@ class LayerDistributor:
     def _kl_scales(self, layers: list[KroneckerLayer], kl_sums: dict[float, Tensor], device: torch.device) -> dict[float, Tensor]:
         """KFAC's KL-clip scale per ``kl_clip`` value, from the owners' sums of the
         layers' terms (one small ``all_reduce``)."""
-        from singd_lightning.optim.base import kl_clip_scale
 
         values = sorted({layer.group["kl_clip"] for layer in layers if layer.group["kl_clip"] is not None})
         if not values:
@@ -323,7 +326,7 @@ class LayerDistributor:
 
     # ---------------------------------------------------------- checkpoints
     def checkpoint_state(
-        self, optimizer: KroneckerOptimizer, param_state: dict[int, dict[str, Any]]
+        self, optimizer: Optimizer, param_state: dict[int, dict[str, Any]]
     ) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor], dict[int, dict[str, Any]]]:
         """The layers' states, their spike-guard norms and the per-parameter
         state (``param_state``, as ``torch.optim`` packs it) for a state dict.
@@ -345,7 +348,7 @@ class LayerDistributor:
         }
         return layers, norms, full
 
-    def gather_layer_state(self, optimizer: KroneckerOptimizer) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    def gather_layer_state(self, optimizer: Optimizer) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
         """Every layer's whole state and spike-guard running norm, from their
         owners, on every rank (one object ``all_gather``; CPU tensors)."""
         owned = {
@@ -407,7 +410,7 @@ def _check_placement(name: str, p: Tensor, world: int) -> None:
 
 
 def make_distributor(
-    optimizer: KroneckerOptimizer, distributed_work: bool | None
+    optimizer: Optimizer, distributed_work: bool | None
 ) -> LayerDistributor | None:
     """The optimizer's :class:`LayerDistributor`, or None for replicated work.
 
@@ -436,7 +439,7 @@ def make_distributor(
     return LayerDistributor(optimizer.layers, costs, shared, sharded)
 
 
-def sharded_state_dict(optimizer: KroneckerOptimizer) -> dict[str, Any]:
+def sharded_state_dict(optimizer: Optimizer) -> dict[str, Any]:
     """This rank's part of the optimizer's state, for ``torch.distributed.checkpoint``:
     :meth:`~singd_lightning.optim.base.KroneckerOptimizer.state_dict`'s format,
     but with only the layers this rank owns (factors, momenta, spike-guard norms)
@@ -457,7 +460,7 @@ def sharded_state_dict(optimizer: KroneckerOptimizer) -> dict[str, Any]:
 
 
 def load_distributed_checkpoint(
-    optimizer: KroneckerOptimizer, checkpoint_id: str | os.PathLike, key: str = "optim"
+    optimizer: Optimizer, checkpoint_id: str | os.PathLike, key: str = "optim"
 ) -> None:
     """Load ``optimizer`` from a ``torch.distributed.checkpoint`` folder that holds
     its :func:`sharded_state_dict` or its full
@@ -498,7 +501,7 @@ def load_distributed_checkpoint(
     optimizer.load_state_dict(saved)
 
 
-def optimizer_state_bytes(optimizer: KroneckerOptimizer) -> int:
+def optimizer_state_bytes(optimizer: Optimizer) -> int:
     """Bytes of optimizer state held by this rank: the layers' factors and momenta
     and the per-parameter state (a sharded state counts its local shard)."""
     total = 0
