@@ -33,7 +33,7 @@ from singd_lightning.lightning.factory import (
     trainer_grad_scaler,
 )
 from singd_lightning.lightning.schedulers import retarget_scheduler
-from singd_lightning.lightning.strategy import check_strategy
+from singd_lightning.lightning.strategy import check_strategy, full_parameters
 from singd_lightning.optim import KroneckerOptimizer
 from singd_lightning.optim.base import UPDATE_CLIP
 from singd_lightning.optim.hyperparameters import check_grad_scaler
@@ -258,8 +258,10 @@ class SINGDCallback(SINGDDiagnostics):
     Supported strategies: single device, DDP (``"ddp"``, ``"ddp_spawn"``, ...) and
     ``ModelParallelStrategy`` with FSDP2 (``fully_shard`` applied in
     ``configure_model``; the layers' factor work is split over the ranks, see
-    :mod:`singd_lightning.optim.distributed`); FSDP1 (``FSDPStrategy``) and
-    DeepSpeed fail in ``setup`` with an error.
+    :mod:`singd_lightning.optim.distributed`), and FSDP1 (``FSDPStrategy``) with
+    ``use_orig_params=True``, stepping on the gathered full parameters (see
+    :func:`~singd_lightning.lightning.strategy.step_on_full_parameters`); FSDP1
+    with flat parameters and DeepSpeed fail in ``setup`` with an error.
 
     The optimizer options default to the optimizer's own defaults (None, or the
     same value); only options that differ from their default are passed on. The
@@ -463,7 +465,8 @@ class SINGDCallback(SINGDDiagnostics):
             old.remove_hooks()
         if self.optimizer is not None:  # from an earlier fit with this callback
             self.optimizer.remove_hooks()
-        optimizer = build_optimizer(pl_module, self.optimizer_name, **options)
+        with full_parameters(strategy):  # (FSDPStrategy: the layers' shapes, not the shards')
+            optimizer = build_optimizer(pl_module, self.optimizer_name, **options)
         if old is not None:
             index_of = {id(p): j for j, g in enumerate(old.param_groups) for p in g["params"]}
             group_map = [index_of.get(id(g["params"][0]), 0) for g in optimizer.param_groups]

@@ -1,8 +1,11 @@
 """Which Lightning strategies the Kronecker optimizers support (single device,
-DDP, and ``ModelParallelStrategy`` with FSDP2), and a clear error for the others."""
+DDP, ``ModelParallelStrategy`` with FSDP2, and ``FSDPStrategy`` with
+``use_orig_params=True``), and a clear error for the others."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,12 @@ def _sharded_strategy_types() -> tuple[type, ...]:
     return tuple(getattr(strategies, name) for name in names if hasattr(strategies, name))
 
 
+def _fsdp1_type() -> tuple[type, ...]:
+    from lightning.pytorch import strategies
+
+    return (strategies.FSDPStrategy,) if hasattr(strategies, "FSDPStrategy") else ()
+
+
 def _model_parallel_type() -> tuple[type, ...]:
     from lightning.pytorch import strategies
 
@@ -25,13 +34,16 @@ def _model_parallel_type() -> tuple[type, ...]:
 def check_strategy(strategy: Any) -> None:
     """Raise unless ``strategy`` is one SINGD works with.
 
-    Supported: single device, DDP (the model replicated on every rank) and
+    Supported: single device, DDP (the model replicated on every rank),
     ``ModelParallelStrategy`` with FSDP2 (``fully_shard`` applied in the module's
     ``configure_model`` on the ``"data_parallel"`` mesh): its parameters are
     ``DTensor`` s sharded on dim 0, whose layers the optimizer preconditions on
-    their owner ranks (see :mod:`singd_lightning.optim.distributed`). FSDP
-    (``FSDPStrategy``, FSDP1's flat parameters) and DeepSpeed shard the weights
-    in flat buffers, which neither the hooks nor the owners can map to layers.
+    their owner ranks (see :mod:`singd_lightning.optim.distributed`), and
+    ``FSDPStrategy`` (FSDP1) with ``use_orig_params=True`` (Lightning's
+    default), whose optimizer steps run on the gathered full parameters
+    (:func:`step_on_full_parameters`). DeepSpeed, and FSDP1 with flat
+    parameters, shard the weights in flat buffers, which neither the hooks nor
+    the optimizer can map to layers.
 
     Under ``ModelParallelStrategy`` it routes the Kronecker optimizers'
     checkpoints (:func:`route_optimizer_checkpoints`).
@@ -46,13 +58,23 @@ def check_strategy(strategy: Any) -> None:
     """
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
+    fsdp1 = isinstance(strategy, _fsdp1_type())
+    if fsdp1 and strategy.kwargs.get("use_orig_params"):
+        if _sharded_now(strategy):
+            # The optimizer reads the layers' shapes from their weights: not from the flat shards.
+            raise ValueError(
+                "Under FSDPStrategy a Kronecker optimizer must be built on the full parameters: use "
+                "SINGDCallback, or build it inside `with full_parameters(self.trainer.strategy):` "
+                "(singd_lightning.lightning.strategy) in configure_optimizers."
+            )
+        step_on_full_parameters(strategy)
+        return
     sharded = isinstance(strategy, _sharded_strategy_types())
-    fsdp1 = type(strategy).__name__ == "FSDPStrategy"
     supported = (SingleDeviceStrategy, DDPStrategy, *_model_parallel_type())
     if sharded or not isinstance(strategy, supported):
         raise ValueError(
             f"SINGD does not support the {type(strategy).__name__} strategy"
-            + (" (it shards the weights in flat buffers" + (", also with use_orig_params=True" if fsdp1 else "")
+            + (" (it shards the weights in flat buffers" + (" when use_orig_params=False" if fsdp1 else "")
                + ", but SINGD needs whole layers)" if sharded else "")
             + ". Supported strategies: single device ('auto') and data-parallel DDP ("
             + ", ".join(repr(name) for name in SUPPORTED_STRATEGIES[2:])
@@ -60,8 +82,8 @@ def check_strategy(strategy: Any) -> None:
             "ModelParallelStrategy(data_parallel_size=..., tensor_parallel_size=1) with FSDP2's fully_shard "
             "applied in configure_model"
             + (
-                ": use it instead of FSDPStrategy (the app: trainer=fsdp; shard_for_strategy applies "
-                "fully_shard layer by layer)."
+                " (the app: trainer=fsdp; shard_for_strategy applies fully_shard layer by layer), or "
+                "FSDPStrategy(use_orig_params=True)."
                 if fsdp1 else "."
             )
         )
@@ -132,6 +154,106 @@ def route_optimizer_checkpoints(strategy: Any) -> None:
     strategy._kronecker_checkpoints = True
 
 
+def _sharded_now(strategy: Any) -> bool:
+    """Whether the strategy's model is FSDP1-wrapped and its parameters are shards now."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp._common_utils import TrainingState
+
+    model = strategy.model
+    return isinstance(model, FullyShardedDataParallel) and model.training_state != TrainingState.SUMMON_FULL_PARAMS
+
+
+@contextmanager
+def full_parameters(strategy: Any) -> Iterator[None]:
+    """Under ``FSDPStrategy`` with a wrapped model, the full parameters (gathered
+    on every rank, changes discarded) for the ``with`` block, e.g. to build a
+    Kronecker optimizer in ``configure_optimizers``; a no-op otherwise."""
+    if not _sharded_now(strategy):
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False):
+        yield
+
+
+def step_on_full_parameters(strategy: Any) -> None:
+    """Under ``FSDPStrategy`` (``use_orig_params=True``), run each Kronecker
+    optimizer's step on the full parameters and gradients; refuse to resume its
+    state. A no-op when already done.
+
+    The hooks see whole layers (FSDP1 runs each module on its unsharded
+    weights) and the statistics are summed over ranks as under DDP, so every
+    rank holds the same factors. The step itself needs whole weights and
+    gradients: it runs inside ``FullyShardedDataParallel.summon_full_params(
+    writeback=True, with_grads=True)`` (every rank, no ``rank0_only``; FSDP's
+    CPU offload is refused there with gradients), after the closure
+    (forward, backward, clipping), which must run outside it. Every rank
+    computes the same full update and FSDP keeps its shard of it. Cost: full
+    parameters and gradients on every rank during the step, factors and
+    first-order moments replicated; ``ModelParallelStrategy`` (FSDP2) is the
+    path whose memory falls with the ranks.
+
+    Checkpoints hold the optimizer's own full ``state_dict`` (FSDP's
+    ``optim_state_dict`` keeps only per-parameter state and would drop the
+    factors); resuming it (``ckpt_path``) raises, as FSDP1 loads the optimizer
+    through that same per-parameter path.
+    """
+    if getattr(strategy, "_kronecker_full_steps", False):
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from singd_lightning.optim import KroneckerOptimizer
+
+    strategy_optimizer_step = strategy.optimizer_step
+    strategy_optimizer_state = strategy.optimizer_state
+    strategy_load_checkpoint = strategy.load_checkpoint
+
+    def optimizer_step(optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        if not isinstance(optimizer, KroneckerOptimizer):
+            return strategy_optimizer_step(optimizer, closure, model, **kwargs)
+        step = optimizer.step
+
+        def full_step(closure: Any = None, **step_kwargs: Any) -> Any:
+            # The closure's forward and backward cannot run inside summon_full_params.
+            loss = closure() if closure is not None else None
+            with FullyShardedDataParallel.summon_full_params(strategy.model, writeback=True, with_grads=True):
+                step(**step_kwargs)
+            return loss
+
+        own_step = optimizer.__dict__.get("step")
+        optimizer.step = full_step  # the precision plugin calls optimizer.step(closure=...)
+        try:
+            return strategy_optimizer_step(optimizer, closure, model, **kwargs)
+        finally:
+            if own_step is None:
+                del optimizer.step
+            else:
+                optimizer.step = own_step
+
+    def optimizer_state(optimizer: Any) -> dict[str, Any]:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        if isinstance(optimizer, KroneckerOptimizer):
+            return optimizer.state_dict()  # (every rank calls this: collective under distributed work)
+        return strategy_optimizer_state(optimizer)
+
+    def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        # (check_strategy, which installed this, runs only for a Kronecker optimizer's fit)
+        if checkpoint_path is not None:
+            raise ValueError(
+                "ckpt_path: a Kronecker optimizer cannot resume under FSDPStrategy (FSDP1 loads only "
+                "per-parameter optimizer state and would drop the factors); train with "
+                "ModelParallelStrategy (FSDP2), which resumes exactly, or DDP."
+            )
+        return strategy_load_checkpoint(checkpoint_path, weights_only)
+
+    strategy.optimizer_step = optimizer_step
+    strategy.optimizer_state = optimizer_state
+    strategy.load_checkpoint = load_checkpoint
+    strategy._kronecker_full_steps = True
+
+
 def shard_for_strategy(net: Any, strategy: Any) -> bool:
     """Under ``ModelParallelStrategy``, shard ``net`` with FSDP2 on the strategy's
     ``"data_parallel"`` mesh: each ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``/
@@ -157,4 +279,7 @@ def shard_for_strategy(net: Any, strategy: Any) -> bool:
     return True
 
 
-__all__ = ["SUPPORTED_STRATEGIES", "check_strategy", "route_optimizer_checkpoints", "shard_for_strategy"]
+__all__ = [
+    "SUPPORTED_STRATEGIES", "check_strategy", "full_parameters", "route_optimizer_checkpoints",
+    "shard_for_strategy", "step_on_full_parameters",
+]

@@ -1,8 +1,8 @@
 """SINGDCallback under Lightning's ModelParallelStrategy with FSDP2 (``fully_shard``
 in ``configure_model``), two gloo processes on CPU: with gradient accumulation
 and clipping by the global norm, the full parameters equal one process on the
-joint batch (32-true; bf16-mixed up to its rounding); DeepSpeed and FSDP1 stay
-refused with an error naming what works."""
+joint batch (32-true; bf16-mixed up to its rounding); DeepSpeed and FSDP1 with
+flat parameters stay refused with an error naming what works."""
 
 from __future__ import annotations
 
@@ -219,13 +219,13 @@ def test_checkpoint_routing_happens_once_and_refuses_mixed_optimizers():
 def test_deepspeed_and_fsdp1_are_refused_naming_what_works():
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
-    for strategy in (FSDPStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy)):
+    for strategy in (FSDPStrategy(use_orig_params=False), DeepSpeedStrategy.__new__(DeepSpeedStrategy)):
         with pytest.raises(ValueError, match=r"flat buffers.*'ddp'.*ModelParallelStrategy.*fully_shard"):
             check_strategy(strategy)
-    # FSDP1 with original parameters still keeps them in flat buffers: the
-    # error points to FSDP2 instead.
-    with pytest.raises(ValueError, match=r"use_orig_params=True.*use it instead of FSDPStrategy \(the app: trainer=fsdp"):
-        check_strategy(FSDPStrategy(use_orig_params=True))
+    # FSDP1 works with original parameters (tests/lightning/test_fsdp1_lightning.py):
+    # the error names both ways.
+    with pytest.raises(ValueError, match=r"use_orig_params=False.*trainer=fsdp.*FSDPStrategy\(use_orig_params=True\)"):
+        check_strategy(FSDPStrategy(use_orig_params=False))
 
 
 def test_callback_passes_distributed_work_on_and_checks_it():

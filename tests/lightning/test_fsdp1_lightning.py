@@ -1,0 +1,254 @@
+"""SINGDCallback under Lightning's FSDPStrategy (FSDP1, ``use_orig_params=True``),
+two gloo processes on CPU: with gradient accumulation and clipping by value, the
+full parameters equal one process on the joint batch; configure_singd works
+inside ``full_parameters``; checkpoints hold the optimizer's full state, and
+resuming them is refused with a clear error."""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import DataLoader
+
+from singd_lightning.lightning import SINGDCallback, check_strategy
+from tests.lightning.helpers import QUIET, InterleavedSampler, dataset, singd_options
+from tests.lightning.test_fsdp_lightning import STEPS, Offset
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+CLIP = 0.01  # below the largest gradient entries: clipping acts
+
+
+def _cpu_fsdp_strategy(**kwargs):
+    """``FSDPStrategy`` made to run on the CPU, for these tests only: Lightning
+    refuses ``type(strategy) is FSDPStrategy`` without a GPU accelerator, and
+    FSDP1 needs ``device_id=torch.device("cpu")`` to place the shards on the CPU
+    (Lightning passes the device index, None on the CPU). The wrapping below is
+    the one Lightning applies, so the strategy then takes its own path
+    (an already wrapped model)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    class CPUFSDPStrategy(FSDPStrategy):
+        def _setup_model(self, model: nn.Module) -> nn.Module:
+            if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+                model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), **self.kwargs)
+            return super()._setup_model(model)
+
+    return CPUFSDPStrategy(**kwargs)
+
+
+class Module(pl.LightningModule):
+    """Conv2d, LayerNorm, Linear and a bare parameter; FSDPStrategy wraps each
+    Conv2d and Linear as its own unit."""
+
+    def __init__(self, batch_size: int, out_dir: str, samples: int = 48) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = nn.Sequential(
+            nn.Conv2d(2, 3, kernel_size=3, padding=1), nn.ReLU(), nn.Flatten(),
+            nn.LayerNorm(3 * 6 * 6), nn.Linear(3 * 6 * 6, 3), Offset(),
+        )
+        self.batch_size = batch_size
+        self.out_dir = out_dir
+        self.samples = samples
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self):
+        data = dataset(self.samples)
+        sampler = InterleavedSampler(len(data), self.trainer.global_rank, self.trainer.world_size)
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
+
+    def on_train_end(self) -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = self.trainer.strategy.model
+        wrapped = isinstance(model, FullyShardedDataParallel)
+        if wrapped:
+            with FullyShardedDataParallel.summon_full_params(model):
+                params = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+                          for n, p in self.named_parameters()}
+            # the shards, outside: a rank holds only part of each parameter
+            shard_sizes = sum(p.numel() for p in self.parameters())
+        else:
+            params = {n: p.detach().clone() for n, p in self.named_parameters()}
+            shard_sizes = None
+        optimizer = self.trainer.optimizers[0]
+        torch.save({"params": params, "steps": optimizer.steps, "world_size": self.trainer.world_size,
+                    "wrapped": wrapped, "shard_sizes": shard_sizes},
+                   Path(self.out_dir) / f"rank{self.trainer.global_rank}.pt")
+
+
+def _fit(out_dir: str, devices: int, batch_size: int, accumulate: int, precision: str = "32-true") -> None:
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    strategy = (_cpu_fsdp_strategy(auto_wrap_policy=ModuleWrapPolicy({nn.Conv2d, nn.Linear}))
+                if devices > 1 else "auto")
+    trainer = pl.Trainer(
+        **{**QUIET, "devices": devices},
+        strategy=strategy,
+        precision=precision,
+        max_steps=STEPS,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=CLIP,
+        gradient_clip_algorithm="value",
+        use_distributed_sampler=False,
+        callbacks=[SINGDCallback(**singd_options(T=2))],
+    )
+    trainer.fit(Module(batch_size, out_dir))
+
+
+def _fit_checkpointed(out_dir: str, ckpt_path: str | None = None) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    trainer = pl.Trainer(
+        **{**QUIET, "devices": 2, "enable_checkpointing": True},
+        strategy=_cpu_fsdp_strategy(), max_epochs=1, use_distributed_sampler=False,
+        callbacks=[SINGDCallback(**singd_options(T=1, structures=("dense", "dense"), alpha1=0.5)),
+                   ModelCheckpoint(dirpath=out_dir, filename="{epoch}", save_top_k=-1)],
+    )
+    trainer.fit(Module(4, out_dir, samples=16), ckpt_path=ckpt_path)
+    state = trainer.optimizers[0].state_dict()  # collective: every rank calls it
+    if trainer.global_rank == 0:
+        torch.save(state, Path(out_dir) / "optimizer.pt")
+
+
+class ConfiguredModule(Module):
+    """SINGD from configure_singd, built on the full parameters or (refused) on the shards."""
+
+    def __init__(self, out_dir: str, full: bool) -> None:
+        super().__init__(4, out_dir, samples=16)
+        self.full = full
+
+    def configure_optimizers(self):
+        from contextlib import nullcontext
+
+        from singd_lightning.lightning import configure_singd
+        from singd_lightning.lightning.strategy import full_parameters
+
+        with full_parameters(self.trainer.strategy) if self.full else nullcontext():
+            return configure_singd(self, **singd_options(T=1))
+
+
+def _fit_configured(out_dir: str, full: bool) -> None:
+    trainer = pl.Trainer(**{**QUIET, "devices": 2}, strategy=_cpu_fsdp_strategy(), max_steps=2,
+                         use_distributed_sampler=False)
+    trainer.fit(ConfiguredModule(out_dir, full))
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    warnings.simplefilter("ignore")
+    # The processes exist already: Lightning's environment reads them from here.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    _fit(out_dir, devices=2, batch_size=4, accumulate=2)
+    bf16 = Path(out_dir) / "bf16"
+    bf16.mkdir(exist_ok=True)
+    _fit(str(bf16), devices=2, batch_size=4, accumulate=2, precision="bf16-mixed")
+    run = Path(out_dir) / "checkpointed"
+    _fit_checkpointed(str(run))
+    try:
+        _fit_checkpointed(str(run / "resumed"), ckpt_path=str(run / "epoch=0.ckpt"))
+    except ValueError as error:
+        (Path(out_dir) / f"resume_error{rank}.txt").write_text(str(error))
+    configured = Path(out_dir) / "configured"
+    configured.mkdir(exist_ok=True)
+    _fit_configured(str(configured), full=True)
+    try:
+        _fit_configured(str(configured / "shards"), full=False)
+    except ValueError as error:
+        (Path(out_dir) / f"configure_error{rank}.txt").write_text(str(error))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fsdp1_equals_one_process_on_the_joint_batch_and_refuses_resume(tmp_path):
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    sharded.mkdir()
+    single.mkdir()
+    mp.spawn(_worker, args=(_free_port(), str(sharded)), nprocs=2, join=True)
+    # Two ranks with micro-batches of 4, accumulating 2: one process with 16.
+    _fit(str(single), devices=1, batch_size=16, accumulate=1)
+    ranks = [torch.load(sharded / f"rank{r}.pt") for r in range(2)]
+    reference = torch.load(single / "rank0.pt")
+    assert [r["world_size"] for r in ranks] == [2, 2] and all(r["wrapped"] for r in ranks)
+    total = sum(p.numel() for p in reference["params"].values())
+    assert all(r["shard_sizes"] < total for r in ranks)  # really sharded
+    assert ranks[0]["steps"] == reference["steps"] == STEPS
+    initial = Module(4, "").state_dict()
+    for name, value in reference["params"].items():
+        assert not torch.equal(value, initial[name]), name
+        for rank in ranks:
+            error = (rank["params"][name] - value).norm() / value.norm()
+            assert error < 1e-4, (name, error.item())
+    # bf16-mixed (autocast; float32 weights and factors): the same run up to
+    # bfloat16 rounding of the activations.
+    bf16 = [torch.load(sharded / "bf16" / f"rank{r}.pt") for r in range(2)]
+    assert bf16[0]["steps"] == STEPS
+    for name, value in reference["params"].items():
+        for rank in bf16:
+            error = (rank["params"][name] - value).norm() / value.norm()
+            assert error < 0.05, (name, error.item())
+    # The checkpoint holds the optimizer's own full state (factors, momenta,
+    # counters), not FSDP's per-parameter one; resuming it is refused.
+    run = sharded / "checkpointed"
+    saved = torch.load(run / "epoch=0.ckpt", weights_only=False)["optimizer_states"][0]
+    final = torch.load(run / "optimizer.pt")
+    assert saved.keys() == final.keys() and saved["kronecker"]["layouts"]
+    _assert_equal(saved, final)
+    for rank in range(2):
+        message = (sharded / f"resume_error{rank}.txt").read_text()
+        assert "cannot resume under FSDPStrategy" in message and "ModelParallelStrategy" in message
+    # configure_singd: on the full parameters it trains; on the shards it is refused.
+    configured = [torch.load(sharded / "configured" / f"rank{r}.pt") for r in range(2)]
+    assert all(r["steps"] == 2 and r["wrapped"] for r in configured)
+    for rank in range(2):
+        message = (sharded / f"configure_error{rank}.txt").read_text()
+        assert "must be built on the full parameters" in message and "full_parameters" in message
+
+
+def _assert_equal(a, b, where: str = "") -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            _assert_equal(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal(x, y, f"{where}/{i}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def test_fsdp1_without_orig_params_is_refused():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    with pytest.raises(ValueError, match="use_orig_params=False.*FSDPStrategy\\(use_orig_params=True\\)"):
+        check_strategy(FSDPStrategy(use_orig_params=False))
+    strategy = FSDPStrategy()  # Lightning's default: use_orig_params=True
+    check_strategy(strategy)
+    check_strategy(strategy)  # installed once
+    assert strategy._kronecker_full_steps
