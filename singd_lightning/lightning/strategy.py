@@ -154,6 +154,10 @@ def route_optimizer_checkpoints(strategy: Any) -> None:
     strategy._kronecker_checkpoints = True
 
 
+#: Where checkpoints under FSDPStrategy keep the Kronecker optimizers' states.
+_KRONECKER_STATES = "kronecker_optimizer_states"
+
+
 def _sharded_now(strategy: Any) -> bool:
     """Whether the strategy's model is FSDP1-wrapped and its parameters are shards now."""
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -179,8 +183,8 @@ def full_parameters(strategy: Any) -> Iterator[None]:
 
 def step_on_full_parameters(strategy: Any) -> None:
     """Under ``FSDPStrategy`` (``use_orig_params=True``), run each Kronecker
-    optimizer's step on the full parameters and gradients; refuse to resume its
-    state. A no-op when already done.
+    optimizer's step on the full parameters and gradients, and checkpoint its
+    own state. A no-op when already done.
 
     The hooks see whole layers (FSDP1 runs each module on its unsharded
     weights) and the statistics are summed over ranks as under DDP, so every
@@ -196,8 +200,10 @@ def step_on_full_parameters(strategy: Any) -> None:
 
     Checkpoints hold the optimizer's own full ``state_dict`` (FSDP's
     ``optim_state_dict`` keeps only per-parameter state and would drop the
-    factors); resuming it (``ckpt_path``) raises, as FSDP1 loads the optimizer
-    through that same per-parameter path.
+    factors), under a key of their own (FSDP1 would load the
+    ``optimizer_states`` through that per-parameter path), in the one file
+    (``state_dict_type="full"``) or the folder's metadata (``"sharded"``);
+    ``ckpt_path`` loads it back with the optimizer's ``load_state_dict``.
     """
     if getattr(strategy, "_kronecker_full_steps", False):
         return
@@ -207,6 +213,7 @@ def step_on_full_parameters(strategy: Any) -> None:
 
     strategy_optimizer_step = strategy.optimizer_step
     strategy_optimizer_state = strategy.optimizer_state
+    strategy_save_checkpoint = strategy.save_checkpoint
     strategy_load_checkpoint = strategy.load_checkpoint
 
     def optimizer_step(optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
@@ -238,18 +245,47 @@ def step_on_full_parameters(strategy: Any) -> None:
             return optimizer.state_dict()  # (every rank calls this: collective under distributed work)
         return strategy_optimizer_state(optimizer)
 
-    def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        # (check_strategy, which installed this, runs only for a Kronecker optimizer's fit)
-        if checkpoint_path is not None:
+    def ours(optimizers: list[Any]) -> bool:
+        kronecker = [isinstance(getattr(o, "_optimizer", o), KroneckerOptimizer) for o in optimizers]
+        if any(kronecker) and not all(kronecker):
             raise ValueError(
-                "ckpt_path: a Kronecker optimizer cannot resume under FSDPStrategy (FSDP1 loads only "
-                "per-parameter optimizer state and would drop the factors); train with "
-                "ModelParallelStrategy (FSDP2), which resumes exactly, or DDP."
+                "A Kronecker optimizer next to other optimizers cannot be checkpointed under "
+                "FSDPStrategy; use one optimizer (SINGDCallback or configure_singd)."
             )
-        return strategy_load_checkpoint(checkpoint_path, weights_only)
+        return any(kronecker)
+
+    def save_checkpoint(checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        if "optimizer_states" in checkpoint and ours(strategy.optimizers):
+            # Under its own key, which FSDP1's loading (per-parameter state only) leaves alone.
+            checkpoint = dict(checkpoint)
+            checkpoint[_KRONECKER_STATES] = checkpoint.pop("optimizer_states")
+        strategy_save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        optimizers = list(strategy.optimizers)
+        if not ours(optimizers):
+            return strategy_load_checkpoint(checkpoint_path, weights_only)
+        # The strategy loads the model and the metadata; the optimizers load here.
+        strategy._optimizers = []
+        try:
+            checkpoint = strategy_load_checkpoint(checkpoint_path, weights_only)
+        finally:
+            strategy._optimizers = optimizers
+        states = checkpoint.pop(_KRONECKER_STATES, None)
+        if states is None or len(states) != len(optimizers):
+            raise ValueError(
+                f"ckpt_path: {checkpoint_path} holds no state of {len(optimizers)} Kronecker optimizer(s) "
+                "saved under FSDPStrategy; resume from a checkpoint of the same setup."
+            )
+        with full_parameters(strategy):  # (the layers' shapes are checked against the weights)
+            for optimizer, state in zip(optimizers, states):
+                optimizer.load_state_dict(state)
+        checkpoint["optimizer_states"] = states  # (the strategy's load_optimizer_state_dict does nothing)
+        return checkpoint
 
     strategy.optimizer_step = optimizer_step
     strategy.optimizer_state = optimizer_state
+    strategy.save_checkpoint = save_checkpoint
     strategy.load_checkpoint = load_checkpoint
     strategy._kronecker_full_steps = True
 

@@ -1,8 +1,8 @@
 """SINGDCallback under Lightning's FSDPStrategy (FSDP1, ``use_orig_params=True``),
 two gloo processes on CPU: with gradient accumulation and clipping by value, the
 full parameters equal one process on the joint batch; configure_singd works
-inside ``full_parameters``; checkpoints hold the optimizer's full state, and
-resuming them is refused with a clear error."""
+inside ``full_parameters``; checkpoints (one file or a folder) hold the
+optimizer's own state and resume exactly."""
 
 from __future__ import annotations
 
@@ -113,19 +113,19 @@ def _fit(out_dir: str, devices: int, batch_size: int, accumulate: int, precision
     trainer.fit(Module(batch_size, out_dir))
 
 
-def _fit_checkpointed(out_dir: str, ckpt_path: str | None = None) -> None:
+def _fit_checkpointed(out_dir: str, state_dict_type: str, ckpt_path: str | None = None) -> None:
+    """Four steps (two epochs) of SINGD with momentum and dense factors,
+    checkpointed after each epoch; resumed from ``ckpt_path`` if given."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     trainer = pl.Trainer(
         **{**QUIET, "devices": 2, "enable_checkpointing": True},
-        strategy=_cpu_fsdp_strategy(), max_epochs=1, use_distributed_sampler=False,
+        strategy=_cpu_fsdp_strategy(state_dict_type=state_dict_type), max_epochs=STEPS // 2,
+        use_distributed_sampler=False,
         callbacks=[SINGDCallback(**singd_options(T=1, structures=("dense", "dense"), alpha1=0.5)),
                    ModelCheckpoint(dirpath=out_dir, filename="{epoch}", save_top_k=-1)],
     )
     trainer.fit(Module(4, out_dir, samples=16), ckpt_path=ckpt_path)
-    state = trainer.optimizers[0].state_dict()  # collective: every rank calls it
-    if trainer.global_rank == 0:
-        torch.save(state, Path(out_dir) / "optimizer.pt")
 
 
 class ConfiguredModule(Module):
@@ -160,12 +160,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     bf16 = Path(out_dir) / "bf16"
     bf16.mkdir(exist_ok=True)
     _fit(str(bf16), devices=2, batch_size=4, accumulate=2, precision="bf16-mixed")
-    run = Path(out_dir) / "checkpointed"
-    _fit_checkpointed(str(run))
-    try:
-        _fit_checkpointed(str(run / "resumed"), ckpt_path=str(run / "epoch=0.ckpt"))
-    except ValueError as error:
-        (Path(out_dir) / f"resume_error{rank}.txt").write_text(str(error))
+    for kind in ("full", "sharded"):
+        run = Path(out_dir) / kind
+        _fit_checkpointed(str(run / "through"), kind)
+        _fit_checkpointed(str(run / "resumed"), kind, ckpt_path=str(run / "through" / "epoch=0.ckpt"))
     configured = Path(out_dir) / "configured"
     configured.mkdir(exist_ok=True)
     _fit_configured(str(configured), full=True)
@@ -183,7 +181,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_fsdp1_equals_one_process_on_the_joint_batch_and_refuses_resume(tmp_path):
+def test_fsdp1_equals_one_process_on_the_joint_batch_and_resumes_exactly(tmp_path):
     sharded, single = tmp_path / "sharded", tmp_path / "single"
     sharded.mkdir()
     single.mkdir()
@@ -210,37 +208,22 @@ def test_fsdp1_equals_one_process_on_the_joint_batch_and_refuses_resume(tmp_path
         for rank in bf16:
             error = (rank["params"][name] - value).norm() / value.norm()
             assert error < 0.05, (name, error.item())
-    # The checkpoint holds the optimizer's own full state (factors, momenta,
-    # counters), not FSDP's per-parameter one; resuming it is refused.
-    run = sharded / "checkpointed"
-    saved = torch.load(run / "epoch=0.ckpt", weights_only=False)["optimizer_states"][0]
-    final = torch.load(run / "optimizer.pt")
-    assert saved.keys() == final.keys() and saved["kronecker"]["layouts"]
-    _assert_equal(saved, final)
-    for rank in range(2):
-        message = (sharded / f"resume_error{rank}.txt").read_text()
-        assert "cannot resume under FSDPStrategy" in message and "ModelParallelStrategy" in message
+    # Resumed from the first epoch's checkpoint (one file, or a folder), the
+    # run continues exactly: factors, momenta and AdamW moments restored.
+    for kind in ("full", "sharded"):
+        assert (sharded / kind / "through" / "epoch=0.ckpt").is_dir() == (kind == "sharded")
+        for rank in range(2):
+            through = torch.load(sharded / kind / "through" / f"rank{rank}.pt")
+            resumed = torch.load(sharded / kind / "resumed" / f"rank{rank}.pt")
+            assert through["steps"] == resumed["steps"] == STEPS
+            for name, value in through["params"].items():
+                assert torch.equal(resumed["params"][name], value), (kind, name)
     # configure_singd: on the full parameters it trains; on the shards it is refused.
     configured = [torch.load(sharded / "configured" / f"rank{r}.pt") for r in range(2)]
     assert all(r["steps"] == 2 and r["wrapped"] for r in configured)
     for rank in range(2):
         message = (sharded / f"configure_error{rank}.txt").read_text()
         assert "must be built on the full parameters" in message and "full_parameters" in message
-
-
-def _assert_equal(a, b, where: str = "") -> None:
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            _assert_equal(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{where}/{i}")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
 
 
 def test_fsdp1_without_orig_params_is_refused():
@@ -252,3 +235,22 @@ def test_fsdp1_without_orig_params_is_refused():
     check_strategy(strategy)
     check_strategy(strategy)  # installed once
     assert strategy._kronecker_full_steps
+
+
+def test_fsdp1_checkpoints_refuse_mixed_optimizers_and_missing_states():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from singd_lightning.optim import SINGD
+
+    strategy = FSDPStrategy()
+    strategy.load_checkpoint = lambda path, weights_only=None: {"epoch": 0}  # a checkpoint without them
+    check_strategy(strategy)
+    net = nn.Linear(3, 2)
+    singd = SINGD(net)
+    strategy._optimizers = [singd, torch.optim.AdamW(net.parameters())]
+    with pytest.raises(ValueError, match="next to other optimizers cannot be checkpointed under FSDPStrategy"):
+        strategy.save_checkpoint({"optimizer_states": [{}, {}]}, "unused.ckpt")
+    strategy._optimizers = [singd]
+    with pytest.raises(ValueError, match="holds no state of 1 Kronecker optimizer"):
+        strategy.load_checkpoint("unused.ckpt")
+    singd.remove_hooks()
