@@ -51,6 +51,8 @@ _FFT_DTYPE = torch.float64
 # Elements per block of the FFT pipelines (4 MiB of float64), so that their
 # buffers stay in cache: the transforms are memory-bound on large blocks.
 _BLOCK_ELEMENTS = 1 << 19
+# Rows per strip when :meth:`_TriangularToeplitz._outer_dense` mirrors its triangle.
+_MIRROR_TILE = 256
 # On CUDA a block's kernels cost ~5 µs each to launch whatever their size, and
 # there is no cache to fit: blocks of 128 MiB of float64 keep the launches few
 # (a statistic over 128 × 1024 columns at d = 2048: 32 blocks instead of 1024).
@@ -174,6 +176,41 @@ class _TriangularToeplitz(Structure):
             out[:, start : start + rows.shape[1]] = irfft(rfft(rows, dim=-1).mul_(spec), n=n_fft, dim=-1)[..., :d]
         return out.mT.reshape(*batch, d, x.shape[-1]).to(out_dtype)
 
+    def _outer_dense(self, data: Tensor) -> Tensor:
+        """``S Sᵀ`` as a dense ``(*batch, d, d)`` matrix in ``data``'s compute dtype,
+        in ``O(d²)``: ``(L Lᵀ)[j + k, j] = Σ_{m ≤ j} t[m] t[m + k]``, a running sum
+        along each diagonal, taken in float64 (one rounding per entry, as good as a
+        dense float32 product); ``U Uᵀ = J (L Lᵀ) J`` with ``J`` the flip."""
+        d, batch = self.dim, data.shape[:-1]
+        size = math.prod(batch)
+        t = data.to(_FFT_DTYPE).reshape(size, d)
+        padded = torch.cat([t, t.new_zeros(size, d)], dim=-1)  # t[m + k] = 0 past the end
+        # Running sum ``j`` at lag ``k`` goes to flat position j·(d + 1) + k of a
+        # row-major d × d matrix, i.e. to [j, j + k]: the upper triangle. Sums whose
+        # diagonal ran past the end (j + k ≥ d) land strictly below it (or past
+        # d², in the spare tail) and are cleared by ``triu``; no two positions meet.
+        # A block of lags at a time, lags along the contiguous dimension (the
+        # running sums run down the rows, the writes are contiguous runs).
+        out = data.new_empty(size, d * (d + 1), dtype=compute_dtype(data.dtype))
+        lags = max(1, _BLOCK_ELEMENTS // d)
+        for k0 in range(0, d, lags):
+            k1 = min(d, k0 + lags)
+            # shifted[:, m, k] = t[m + k0 + k]
+            shifted = padded.as_strided((size, d, k1 - k0), (2 * d, 1, 1), padded.storage_offset() + k0)
+            target = out.as_strided((size, d, k1 - k0), (d * (d + 1), d + 1, 1), out.storage_offset() + k0)
+            target.copy_((shifted * t.unsqueeze(-1)).cumsum_(-2))
+        mat = out[:, : d * d].unflatten(-1, (d, d))
+        # Mirror the upper triangle into the lower one (overwriting the cleared
+        # sums), a strip of rows at a time so that the transposed reads stay in cache.
+        for r0 in range(0, d, _MIRROR_TILE):
+            r1 = min(d, r0 + _MIRROR_TILE)
+            mat[:, r0:r1, :r0] = mat[:, :r0, r0:r1].mT
+            tile = mat[:, r0:r1, r0:r1]
+            tile.copy_(tile.triu() + tile.triu(1).mT)
+        if not self.lower:
+            mat = mat.flip(-2, -1)
+        return mat.reshape(*batch, d, d)
+
     def matmul_outer(self, data: Tensor, x: Tensor) -> Tensor:
         out_dtype = torch.promote_types(data.dtype, x.dtype)
         dtype = compute_dtype(out_dtype)
@@ -236,16 +273,47 @@ class _TriangularToeplitz(Structure):
 
     def _gram_first(self, n: int, device: torch.device) -> bool:
         """Whether Π(Sᵀ X Xᵀ S) for ``n`` columns is cheaper through the Gram matrix
-        ``X Xᵀ`` (``n·d²``, then two products with ``S`` over its ``d`` rows) than by
-        three FFT passes over all ``n`` columns, on ``device``."""
+        ``X Xᵀ`` (``n·d²``, then :meth:`_project_sandwich`) than by three FFT passes
+        over all ``n`` columns, on ``device``."""
         d = self.dim
-        sandwich = 2 * min(d**3, _fft_cost(d, d, passes=2, device=device))
-        return n * d * d + sandwich < _fft_cost(d, n, passes=3, device=device)
+        return n * d * d + self._sandwich_cost(device) < _fft_cost(d, n, passes=3, device=device)
+
+    def _sandwich_cost(self, device: torch.device) -> float:
+        """Cost of :meth:`_project_sandwich`: two dense products with ``S`` (``2d³``)
+        or two transforms of ``d`` rows, whichever is cheaper."""
+        return min(2 * self.dim**3, _fft_cost(self.dim, self.dim, passes=2, device=device))
 
     def _project_sandwich(self, t: Tensor, gram: Tensor) -> Tensor:
-        """Π(Sᵀ G S) for a dense symmetric ``G``: ``Sᵀ (Sᵀ G)ᵀ = Sᵀ G S``."""
-        left = self.matmul(t, gram, transpose=True)  # Sᵀ G
-        return self.project(self.matmul(t, left.mT, transpose=True))
+        """Π(Sᵀ G S) for a dense symmetric ``G``, in ``G``'s dtype: ``Sᵀ (Sᵀ G)ᵀ``
+        by two products with ``S`` for short rows, else from the cross-correlations of
+        ``G``'s rows with those of ``S Sᵀ`` (:meth:`_project_sandwich_fft`)."""
+        d = self.dim
+        if 2 * d**3 <= _fft_cost(d, d, passes=2, device=gram.device):
+            left = self.matmul(t, gram, transpose=True)  # Sᵀ G
+            return self.project(self.matmul(t, left.mT, transpose=True))
+        return self._project_sandwich_fft(t, gram).to(gram.dtype)
+
+    def _project_sandwich_fft(self, t: Tensor, gram: Tensor) -> Tensor:
+        """Π(Sᵀ G S) for a dense symmetric ``G``, in float64. With ``M = L Lᵀ``
+        (:meth:`_outer_dense`) the ``k``-th lower-diagonal sum of ``Lᵀ G L`` is
+        ``Σ_{i,j} G[j, i] M[j, i − k]``: the cross-correlations of ``G``'s rows with
+        ``M``'s at lag ``k``, summed over rows, i.e. one float64 transform of each
+        row of both, their products summed in the frequency domain and one inverse
+        transform (half the transforms of two FFT products with ``S``). For
+        ``U = J L J`` (``J`` the flip), ``Uᵀ G U = J Lᵀ (J G J) L J`` has the same
+        diagonal sums as ``Lᵀ (J G J) L``."""
+        d, n_fft = self.dim, _fft_len(self.dim)
+        lower = TrilToeplitz(d)
+        if not self.lower:
+            gram = gram.flip(-2, -1)
+        batch, t, gram = _flat_batch(t, gram)
+        outer = lower._outer_dense(t.to(gram.dtype))
+        total = None
+        # G and M are symmetric: their columns (the blocks' rows) are their rows.
+        for (_, rows_g), (_, rows_m) in zip(_padded_row_blocks(gram, n_fft), _padded_row_blocks(outer, n_fft)):
+            part = rfft(rows_g, dim=-1).mul_(rfft(rows_m, dim=-1).conj()).sum(dim=-2)
+            total = part if total is None else total.add_(part)
+        return self._normalize(irfft(total, n=n_fft)[..., :d]).reshape(*batch, d)
 
     def _project_outer_fft(self, x: Tensor, t: Tensor | None = None) -> Tensor:
         """Π(y yᵀ) for ``y = Sᵀ x`` (``y = x`` without ``t``), ``x`` of shape

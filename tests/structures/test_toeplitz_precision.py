@@ -224,3 +224,23 @@ def test_results_in_callers_dtype(route, name, dtype):
     for key, out in outs.items():
         assert out.dtype == dtype, key
         torch.testing.assert_close(out.to(F64), expected[key], rtol=rtol, atol=rtol * expected[key].abs().max().item())
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dim,columns", SIZES, ids=[f"d{d}" for d, _ in SIZES])
+def test_sandwich_by_transforms_of_the_gram_rows(name, dim, columns):
+    """Π(Sᵀ G S) for ``G = X Xᵀ`` (the Gram-first route's second half) from the
+    cross-correlations of ``G``'s rows with those of ``S Sᵀ``, against the dense
+    float32 yardstick; and ``S Sᵀ`` itself, built by running sums along its diagonals."""
+    p = _problem(name, dim, columns)
+    lay, x, t, mat = layout(name, dim), p["x"], p["t"], p["mat"]
+    x32, t32 = x.to(F32), t.to(F32)
+    y, y_abs, y32 = mat.T @ x, mat.abs().T @ x.abs(), mat.to(F32).T @ x32
+    ref, scale, yardstick = projection(y @ y.T), projection(y_abs @ y_abs.T), projection(y32 @ y32.T)
+    check("sandwich", lay._project_sandwich_fft(t32, x32 @ x32.T).to(F32), ref, scale, yardstick)
+    if dim > 1000:  # the float64 reference S Sᵀ alone would take seconds
+        return
+    outer = lay._outer_dense(t32)
+    m_abs = mat.abs()
+    check("outer", outer, mat @ mat.T, m_abs @ m_abs.T, mat.to(F32) @ mat.to(F32).T)
+    assert torch.equal(outer, outer.mT)
