@@ -19,7 +19,7 @@ from torchmetrics import MaxMetric, MeanMetric, MinMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from singd_lightning.lightning import configure_singd
-from singd_lightning.lightning.strategy import shard_for_strategy
+from singd_lightning.lightning.sharded import shard_for_strategy
 
 #: Index of the test set among the validation loaders when the test error is
 #: tracked every epoch (see :func:`singd_lightning.app.train.build_datamodule`).
@@ -198,7 +198,7 @@ class ImageClassifier(L.LightningModule):
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (``trainer=fsdp``), shard the network with
-        FSDP2 (see :func:`~singd_lightning.lightning.strategy.shard_for_strategy`)."""
+        FSDP2 (see :func:`~singd_lightning.lightning.sharded.shard_for_strategy`)."""
         shard_for_strategy(self.net, self.trainer.strategy)
 
     def configure_optimizers(self) -> dict[str, Any]:

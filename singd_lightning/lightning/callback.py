@@ -33,7 +33,8 @@ from singd_lightning.lightning.factory import (
     trainer_grad_scaler,
 )
 from singd_lightning.lightning.schedulers import retarget_scheduler
-from singd_lightning.lightning.strategy import check_strategy, full_parameters
+from singd_lightning.lightning.sharded import full_parameters
+from singd_lightning.lightning.strategy import check_strategy
 from singd_lightning.optim import KroneckerOptimizer
 from singd_lightning.optim.base import UPDATE_CLIP
 from singd_lightning.optim.hyperparameters import check_grad_scaler
@@ -260,7 +261,7 @@ class SINGDCallback(SINGDDiagnostics):
     ``configure_model``; the layers' factor work is split over the ranks, see
     :mod:`singd_lightning.optim.distributed`), and FSDP1 (``FSDPStrategy``) with
     ``use_orig_params=True``, stepping on the gathered full parameters (see
-    :func:`~singd_lightning.lightning.strategy.step_on_full_parameters`); FSDP1
+    :func:`~singd_lightning.lightning.sharded.step_on_full_parameters`); FSDP1
     with flat parameters and DeepSpeed fail in ``setup`` with an error.
 
     The optimizer options default to the optimizer's own defaults (None, or the

@@ -139,7 +139,7 @@ class ConfiguredModule(Module):
         from contextlib import nullcontext
 
         from singd_lightning.lightning import configure_singd
-        from singd_lightning.lightning.strategy import full_parameters
+        from singd_lightning.lightning.sharded import full_parameters
 
         with full_parameters(self.trainer.strategy) if self.full else nullcontext():
             return configure_singd(self, **singd_options(T=1))

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from singd_lightning.lightning import SINGDCallback, check_strategy
-from singd_lightning.lightning.strategy import shard_for_strategy
+from singd_lightning.lightning.sharded import shard_for_strategy
 from tests.lightning.helpers import QUIET, InterleavedSampler, dataset, singd_options
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
