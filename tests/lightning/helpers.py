@@ -5,6 +5,10 @@ Everything lives at module level so that ``ddp_spawn`` can pickle it.
 
 from __future__ import annotations
 
+import os
+import socket
+import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -111,3 +115,92 @@ def singd_options(**overrides: Any) -> dict[str, Any]:
     options.update(overrides)
     return options
 
+
+
+# ------------------------------------------------ two gloo processes (sharded strategies)
+#: Optimizer steps of the sharded-strategy runs.
+SHARDED_STEPS = 4
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_two_ranks(rank: int, port: int) -> None:
+    """Environment of rank ``rank`` of 2 processes that exist already (``mp.spawn``),
+    from which Lightning's environment reads them; warnings off in the worker."""
+    warnings.simplefilter("ignore")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+
+
+class Offset(nn.Module):
+    """A bare parameter added to the output: trained by the fallback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.offset
+
+
+class ShardableModule(pl.LightningModule):
+    """Conv2d, LayerNorm, Linear and a bare parameter on :func:`dataset`, each rank
+    its interleaved share; AdamW, which the callback replaces. Subclasses save
+    the full parameters at the end of training (:meth:`save_run`)."""
+
+    def __init__(self, batch_size: int, out_dir: str, samples: int = 48) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = nn.Sequential(
+            nn.Conv2d(2, 3, kernel_size=3, padding=1), nn.ReLU(), nn.Flatten(),
+            nn.LayerNorm(3 * 6 * 6), nn.Linear(3 * 6 * 6, 3), Offset(),
+        )
+        self.batch_size = batch_size
+        self.out_dir = out_dir
+        self.samples = samples
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self):
+        data = dataset(self.samples)
+        sampler = InterleavedSampler(len(data), self.trainer.global_rank, self.trainer.world_size)
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
+
+    def save_run(self, params: dict[str, torch.Tensor], **extra: Any) -> None:
+        """``rank<r>.pt`` in ``out_dir``: the full ``params``, the optimizer's steps,
+        the world size and ``extra``."""
+        record = {"params": params, "steps": self.trainer.optimizers[0].steps,
+                  "world_size": self.trainer.world_size, **extra}
+        torch.save(record, Path(self.out_dir) / f"rank{self.trainer.global_rank}.pt")
+
+
+def assert_ranks_match(ranks: list[dict], reference: dict, tolerance: float, initial: dict | None = None) -> None:
+    """Every rank's saved parameters within relative ``tolerance`` of the one-process
+    ``reference`` (and, given ``initial``, the reference moved from it)."""
+    for name, value in reference["params"].items():
+        if initial is not None:
+            assert not torch.equal(value, initial[name]), name
+        for rank in ranks:
+            error = (rank["params"][name] - value).norm() / value.norm()
+            assert error < tolerance, (name, error.item())
+
+
+def assert_resumed_exactly(run_dir: Path, label: str) -> None:
+    """The runs saved in ``run_dir/through`` and ``run_dir/resumed`` (resumed from
+    the first epoch's checkpoint) took the same steps to bitwise equal parameters."""
+    for rank in range(2):
+        through = torch.load(run_dir / "through" / f"rank{rank}.pt")
+        resumed = torch.load(run_dir / "resumed" / f"rank{rank}.pt")
+        assert through["steps"] == resumed["steps"] == SHARDED_STEPS
+        for name, value in through["params"].items():
+            assert torch.equal(resumed["params"][name], value), (label, name)

@@ -6,9 +6,6 @@ optimizer's own state and resume exactly."""
 
 from __future__ import annotations
 
-import os
-import socket
-import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -17,11 +14,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.utils.data import DataLoader
 
 from singd_lightning.lightning import SINGDCallback, check_strategy
-from tests.lightning.helpers import QUIET, InterleavedSampler, dataset, singd_options
-from tests.lightning.test_fsdp_lightning import STEPS, Offset
+from tests.lightning.helpers import (
+    QUIET,
+    SHARDED_STEPS as STEPS,
+    ShardableModule,
+    assert_ranks_match,
+    assert_resumed_exactly,
+    free_port,
+    join_two_ranks,
+    singd_options,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -47,32 +51,8 @@ def _cpu_fsdp_strategy(**kwargs):
     return CPUFSDPStrategy(**kwargs)
 
 
-class Module(pl.LightningModule):
-    """Conv2d, LayerNorm, Linear and a bare parameter; FSDPStrategy wraps each
-    Conv2d and Linear as its own unit."""
-
-    def __init__(self, batch_size: int, out_dir: str, samples: int = 48) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.model = nn.Sequential(
-            nn.Conv2d(2, 3, kernel_size=3, padding=1), nn.ReLU(), nn.Flatten(),
-            nn.LayerNorm(3 * 6 * 6), nn.Linear(3 * 6 * 6, 3), Offset(),
-        )
-        self.batch_size = batch_size
-        self.out_dir = out_dir
-        self.samples = samples
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.model(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-    def train_dataloader(self):
-        data = dataset(self.samples)
-        sampler = InterleavedSampler(len(data), self.trainer.global_rank, self.trainer.world_size)
-        return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
+class Module(ShardableModule):
+    """:class:`ShardableModule`; FSDPStrategy wraps each Conv2d and Linear as its own unit."""
 
     def on_train_end(self) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -88,10 +68,7 @@ class Module(pl.LightningModule):
         else:
             params = {n: p.detach().clone() for n, p in self.named_parameters()}
             shard_sizes = None
-        optimizer = self.trainer.optimizers[0]
-        torch.save({"params": params, "steps": optimizer.steps, "world_size": self.trainer.world_size,
-                    "wrapped": wrapped, "shard_sizes": shard_sizes},
-                   Path(self.out_dir) / f"rank{self.trainer.global_rank}.pt")
+        self.save_run(params, wrapped=wrapped, shard_sizes=shard_sizes)
 
 
 def _fit(out_dir: str, devices: int, batch_size: int, accumulate: int, precision: str = "32-true") -> None:
@@ -152,10 +129,7 @@ def _fit_configured(out_dir: str, full: bool) -> None:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    warnings.simplefilter("ignore")
-    # The processes exist already: Lightning's environment reads them from here.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    join_two_ranks(rank, port)
     _fit(out_dir, devices=2, batch_size=4, accumulate=2)
     bf16 = Path(out_dir) / "bf16"
     bf16.mkdir(exist_ok=True)
@@ -175,17 +149,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_fsdp1_equals_one_process_on_the_joint_batch_and_resumes_exactly(tmp_path):
     sharded, single = tmp_path / "sharded", tmp_path / "single"
     sharded.mkdir()
     single.mkdir()
-    mp.spawn(_worker, args=(_free_port(), str(sharded)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(sharded)), nprocs=2, join=True)
     # Two ranks with micro-batches of 4, accumulating 2: one process with 16.
     _fit(str(single), devices=1, batch_size=16, accumulate=1)
     ranks = [torch.load(sharded / f"rank{r}.pt") for r in range(2)]
@@ -194,30 +162,17 @@ def test_fsdp1_equals_one_process_on_the_joint_batch_and_resumes_exactly(tmp_pat
     total = sum(p.numel() for p in reference["params"].values())
     assert all(r["shard_sizes"] < total for r in ranks)  # really sharded
     assert ranks[0]["steps"] == reference["steps"] == STEPS
-    initial = Module(4, "").state_dict()
-    for name, value in reference["params"].items():
-        assert not torch.equal(value, initial[name]), name
-        for rank in ranks:
-            error = (rank["params"][name] - value).norm() / value.norm()
-            assert error < 1e-4, (name, error.item())
+    assert_ranks_match(ranks, reference, 1e-4, initial=Module(4, "").state_dict())
     # bf16-mixed (autocast; float32 weights and factors): the same run up to
     # bfloat16 rounding of the activations.
     bf16 = [torch.load(sharded / "bf16" / f"rank{r}.pt") for r in range(2)]
     assert bf16[0]["steps"] == STEPS
-    for name, value in reference["params"].items():
-        for rank in bf16:
-            error = (rank["params"][name] - value).norm() / value.norm()
-            assert error < 0.05, (name, error.item())
+    assert_ranks_match(bf16, reference, 0.05)
     # Resumed from the first epoch's checkpoint (one file, or a folder), the
     # run continues exactly: factors, momenta and AdamW moments restored.
     for kind in ("full", "sharded"):
         assert (sharded / kind / "through" / "epoch=0.ckpt").is_dir() == (kind == "sharded")
-        for rank in range(2):
-            through = torch.load(sharded / kind / "through" / f"rank{rank}.pt")
-            resumed = torch.load(sharded / kind / "resumed" / f"rank{rank}.pt")
-            assert through["steps"] == resumed["steps"] == STEPS
-            for name, value in through["params"].items():
-                assert torch.equal(resumed["params"][name], value), (kind, name)
+        assert_resumed_exactly(sharded / kind, kind)
     # configure_singd: on the full parameters it trains; on the shards it is refused.
     configured = [torch.load(sharded / "configured" / f"rank{r}.pt") for r in range(2)]
     assert all(r["steps"] == 2 and r["wrapped"] for r in configured)
