@@ -4,6 +4,7 @@ special cases INGD (dense factors) and IKFAC (``kfac_like=True``)."""
 from __future__ import annotations
 
 import warnings
+from types import MappingProxyType
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ KL_CLIP = 1e-3
 #: The options that give the paper's update (SPEC §1) where the defaults go
 #: beyond it: ``SINGD(model, **PAPER_UPDATE)``. The spike guards
 #: (``max_factor_step``, ``update_clip``) change nothing unless they act.
-PAPER_UPDATE: dict = {"factor_init": "identity", "kl_clip": None}
+PAPER_UPDATE: Mapping[str, Any] = MappingProxyType({"factor_init": "identity", "kl_clip": None})
 #: Key of the 0-dim marker in a layer's state once ``factor_init`` has set its
 #: factors (saved in checkpoints, so a resumed run does not start them again).
 INITIALIZED = "factors_initialized"
@@ -139,9 +140,9 @@ class SINGD(KroneckerOptimizer):
             repeated on the first statistics until it settles, within the
             structure). Applied at a layer's first preconditioner update, in
             place of that update; see :meth:`_initial_factors`. The warm start
-            costs ``O(d³)`` once per factor of size ``d``: 0.9 s for a dense
-            768 × 768 layer and 23 s for a dense 768 × 3072 layer on a 2-core
-            CPU. It is not the default: from one batch whose rows span less
+            costs ``O(d³)`` once per factor of size ``d``: 0.8 s for a dense
+            768 × 768 layer and 20 s for a dense 768 × 3072 layer on a 2-core
+            CPU (``scripts/warm_start.py --start-cost``). It is not the default: from one batch whose rows span less
             than a layer's input (batch < width) it sets a large preconditioner
             on the unseen directions, and the next batches' updates there trip
             the spike guards (README, "Starting the factors").
