@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -208,6 +209,32 @@ def small_batches(batches: list[int], steps: int = 60, width: int = 108) -> list
     return rows
 
 
+def start_cost(shapes: list[str], structures: tuple[str, ...] = ("dense", "hierarchical", "diagonal")) -> list[dict]:
+    """Seconds of a layer's first ``step()`` (its factors' start) with the identity
+    and the warm start, for ``nn.Linear`` layers of ``"<in>x<out>"`` ``shapes`` on
+    256 random rows, T = 1, on every core of the machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = []
+    for shape in shapes:
+        d_in, d_out = (int(n) for n in shape.split("x"))
+        for structure in structures:
+            seconds = {}
+            for start in ("identity", "warm"):
+                torch.manual_seed(0)
+                layer = nn.Linear(d_in, d_out)
+                optimizer = SINGD(layer, structures=(structure, structure), factor_init=start, T=1)
+                layer(torch.randn(256, d_in)).pow(2).mean().backward()
+                begin = time.perf_counter()
+                optimizer.step()
+                seconds[start] = time.perf_counter() - begin
+            rows.append({"shape": shape, "structure": structure, **{f"{k}_s": v for k, v in seconds.items()}})
+            print(f"start cost: {shape} {structure}: identity {seconds['identity']:.2f} s, "
+                  f"warm {seconds['warm']:.2f} s", flush=True)
+    torch.set_num_threads(threads)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", nargs="+", default=["mnist1d", "digits"], choices=sorted(TARGETS))
@@ -223,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only this many samples (smoke tests)")
     parser.add_argument("--small-batches", type=int, nargs="*", default=[8, 32, 256],
                         help="batch sizes of the small-batch check of the warm start (none: skip)")
+    parser.add_argument("--start-cost", nargs="*", default=[], metavar="INxOUT",
+                        help="Linear layer shapes whose first-step cost of each start is timed (e.g. 768x3072)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--png", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -256,11 +285,12 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 print(f"long {name}: final {long_rows[-1]['final_acc']:.3f}", flush=True)
         small = small_batches(args.small_batches) if args.small_batches else []
+    cost = start_cost(args.start_cost) if args.start_cost else []
     print(_table(rows + long_rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": rows, "long": long_rows,
-                                              "small_batches": small}, indent=1))
+                                              "small_batches": small, "start_cost": cost}, indent=1))
     if args.png and long_rows:
         _plot(long_rows, args.png)
 

@@ -16,7 +16,7 @@ def test_warm_start_script_writes_json_and_png(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "warm_start.py"), "--workloads", "digits",
          "--configs", "ingd_identity", "ingd_warm", "--lrs", "0.003", "--epochs", "2", "--width", "16",
-         "--long-epochs", "2", "--kl-clip", "1e-3", "--limit", "200", "--small-batches", "8",
+         "--long-epochs", "2", "--kl-clip", "1e-3", "--limit", "200", "--small-batches", "8", "--start-cost", "8x4",
          "--json", str(out), "--png", str(png)],
         capture_output=True, text=True, timeout=300,
     )
@@ -30,5 +30,8 @@ def test_warm_start_script_writes_json_and_png(tmp_path):
     assert data["runs"][1]["max_factor"][0] != 1.0
     assert [(r["start"], r["batch"]) for r in data["small_batches"]] == [("identity", 8), ("warm", 8)]
     assert all(r["clipped_factor_updates"] >= 0 and r["final_loss"] > 0 for r in data["small_batches"])
+    cost = data["start_cost"]
+    assert [(r["shape"], r["structure"]) for r in cost] == [("8x4", s) for s in ("dense", "hierarchical", "diagonal")]
+    assert all(r["identity_s"] > 0 and r["warm_s"] > 0 for r in cost)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| digits | ingd_warm | 0.003 |" in result.stdout
