@@ -1,6 +1,6 @@
 """One prepared check of the CUDA path, for the few minutes a GPU is lent.
 
-Three stages, each in its own processes and time budget, everything written
+Five stages, each in its own processes and time budget, everything written
 under one folder (``--out``)::
 
     tests/       pytest -m cuda: every test that needs CUDA (16-mixed with
@@ -11,6 +11,10 @@ under one folder (``--out``)::
     toeplitz.json  the Toeplitz FFT-versus-dense cost constant measured on the
                  device (matmul of d × d factors with 8192 columns both ways), next
                  to the one the cost model assumes
+    batching.json  scripts/batch_layers.py on the device: preconditioning,
+                 statistic projections and factor products of each group of
+                 same-shaped layers (CCT, Swin), one call per layer against one
+                 batched call per group
     benchmark/   scripts/benchmark.py --device cuda --dtype bf16 at batch 128 per
                  model: AdamW, SGD, KFAC, the reference package and SINGD
                  (diagonal, block-diagonal, hierarchical, Toeplitz) at T = 1 and
@@ -88,7 +92,7 @@ class Budget:
 
 
 #: Most seconds each stage may take of the whole budget (the benchmark takes the rest).
-STAGE_CAPS = {"tests": 100.0, "train": 130.0, "toeplitz": 20.0, "benchmark": 10.0**9}
+STAGE_CAPS = {"tests": 100.0, "train": 130.0, "toeplitz": 20.0, "batching": 40.0, "benchmark": 10.0**9}
 STAGES = list(STAGE_CAPS)
 
 
@@ -227,6 +231,19 @@ def calibrate_toeplitz(out: Path, budget: Budget, dry_run: bool) -> dict:
     return {"rows": rows, "ok": len(rows) > 0}
 
 
+def run_batching(out: Path, budget: Budget, dry_run: bool) -> dict:
+    """``scripts/batch_layers.py``: whether batching same-shaped layers pays on the device."""
+    if dry_run:
+        options = ["--device", "cpu", "--models", "tiny", "--repeats", "2", "--warmup", "0", "--columns", "16"]
+    else:
+        options = ["--device", "cuda", "--models", "cct", "swin", "--repeats", "20"]
+    json_file = out / "batching.json"
+    result = _run([sys.executable, "scripts/batch_layers.py", *options, "--json", str(json_file)],
+                  out / "batching.log", budget.take(10**9))
+    totals = json.loads(json_file.read_text())["totals"] if json_file.exists() else []
+    return {**result, "totals": totals, "ok": result["returncode"] == 0 and bool(totals)}
+
+
 def check_targets(rows: list[dict]) -> list[dict]:
     """The issue's GPU targets, met or not, per model (T = 10 rows of ours)."""
     checks = []
@@ -278,6 +295,16 @@ def markdown(summary: dict) -> str:
                   "| d | TF32 | FFT ms | dense ms | measured constant | assumed |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['d']} | {'on' if r['tf32'] else 'off'} | {r['fft_ms']} | {r['dense_ms']} "
                   f"| {r['measured_constant']} | {r['assumed_constant']:g} |" for r in calibration["rows"]]
+        lines.append("")
+    batching = stages.get("batching")
+    if batching:
+        lines += ["## Same-shaped layers: one call per layer against one batched call per group "
+                  "(`batch_layers.py`, all groups summed; speed-up > 1: batching pays)", "",
+                  "| model | structure | operation | layers | one by one ms | batched ms | prestacked ms |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['structure']} | {r['operation']} | {r['layers']} | {r['one_by_one_ms']:.3f} "
+                  f"| {r['batched_ms']:.3f} ({r['batched_speedup']:.2f}×) | {r['prestacked_ms']:.3f} "
+                  f"({r['prestacked_speedup']:.2f}×) |" for r in batching["totals"]]
         lines.append("")
     bench = stages.get("benchmark")
     if bench:
@@ -344,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                 summary["stages"]["tests"] = run_tests(args.out / "tests", share, args.dry_run)
             elif stage == "toeplitz":
                 summary["stages"]["toeplitz"] = calibrate_toeplitz(args.out, share, args.dry_run)
+            elif stage == "batching":
+                summary["stages"]["batching"] = run_batching(args.out, share, args.dry_run)
             elif stage == "train":
                 summary["stages"]["train"] = run_training(args.out / "train", share, args.dry_run, args.epochs,
                                                           args.steps_per_epoch)

@@ -36,7 +36,7 @@ def test_dry_run_writes_every_stage(dry_run):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] and summary["ok"]
-    assert list(summary["stages"]) == ["tests", "train", "toeplitz", "benchmark"]
+    assert list(summary["stages"]) == ["tests", "train", "toeplitz", "batching", "benchmark"]
     tests = summary["stages"]["tests"]
     assert tests["tests"] >= 1 and tests["failures"] == tests["errors"] == 0
     assert (out / "tests" / "junit.xml").exists()
@@ -46,6 +46,10 @@ def test_dry_run_writes_every_stage(dry_run):
     rows = json.loads((out / "benchmark" / "tiny.json").read_text())
     assert {(r["method"], r["T"]) for r in rows} >= {("adamw", 1), ("ours", 1), ("ours", 2)}
     assert all(r["error"] == "" for r in rows)
+    batching = json.loads((out / "batching.json").read_text())
+    assert {r["operation"] for r in batching["totals"]} == {"precondition", "statistic", "factor_product"}
+    assert all(r["same"] for r in batching["groups"])
+    assert "## Same-shaped layers" in (out / "summary.md").read_text()
     calibration = json.loads((out / "toeplitz.json").read_text())
     assert [r["d"] for r in calibration] == [64, 256]
     assert all(r["measured_constant"] > 0 and r["assumed_constant"] == toeplitz.FFT_COST for r in calibration)
