@@ -327,6 +327,8 @@ class SINGDCallback(SINGDDiagnostics):
             need it, and under DDP with two or more Kronecker layers; True:
             always on several ranks; False: off under DDP; see
             :mod:`singd_lightning.optim.distributed`).
+        batch_layers: SINGD only: precondition layers of the same factor shapes
+            in one batched call per group (default None: on CUDA only).
         grad_scaler: A ``torch.amp.GradScaler`` to un-scale the statistics with
             (default: the trainer's, under ``precision="16-mixed"``).
         params: Parameter groups (default: the replaced optimizer's partition).
@@ -372,6 +374,7 @@ class SINGDCallback(SINGDDiagnostics):
         kl_clip: float | Literal["default"] | None = "default",
         init_grad_scale: float | None = None,
         distributed_work: bool | None = None,
+        batch_layers: bool | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
     ) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import warnings
 from abc import abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -212,7 +212,7 @@ class KroneckerOptimizer(Optimizer):
         init_grad_scale: float = 1.0,
         distributed_work: bool | None = None,
     ) -> None:
-        if distributed_work not in (None, True, False):
+        if distributed_work is not None and not isinstance(distributed_work, bool):
             raise ValueError(f"distributed_work must be None, True or False, got {distributed_work!r}.")
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -755,33 +755,45 @@ class KroneckerOptimizer(Optimizer):
         updates: dict[int, Tensor] = {}
         # Per kl_clip value: the layers' ⟨update, gradient⟩ terms and their updates.
         kl_terms: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
-        for layer in self.layers:
-            if not any(id(p) in with_grad for p in layer.params):
-                continue
-            # A missing weight (or bias) gradient counts as zero; only the
-            # parameters that have a gradient are updated, as in torch.optim.
-            grad = layer.gradient_matrix()
-            natural = self._layer_update(layer, grad, pending_avg, clip_flags)
-            for p, d in zip(layer.params, layer.split(natural)):
-                if id(p) in with_grad:
-                    updates[id(p)] = d
-            kl_clip = layer.group["kl_clip"]
-            if kl_clip is not None:
-                terms, scaled = kl_terms.setdefault(kl_clip, ([], []))
-                terms.append(self._kl_term(layer, natural, grad))
-                scaled += [updates[id(p)] for p in layer.params if id(p) in with_grad]
+        due = [layer for layer in self.layers if any(id(p) in with_grad for p in layer.params)]
+        for layers, grads, naturals in self._preconditioned(due):
+            for layer, grad, natural in zip(layers, grads, naturals):
+                natural = self._guarded_update(layer, natural, pending_avg, clip_flags)
+                for p, d in zip(layer.params, layer.split(natural)):
+                    if id(p) in with_grad:
+                        updates[id(p)] = d
+                kl_clip = layer.group["kl_clip"]
+                if kl_clip is not None:
+                    terms, scaled = kl_terms.setdefault(kl_clip, ([], []))
+                    terms.append(self._kl_term(layer, natural, grad))
+                    scaled += [updates[id(p)] for p in layer.params if id(p) in with_grad]
         for kl_clip, (terms, scaled) in kl_terms.items():
             scale = kl_clip_scale(kl_clip, terms)
             for d in scaled:
                 d.mul_(scale.to(d.dtype))
         return updates
 
+    def _preconditioned(self, layers: list[KroneckerLayer]) -> Iterator[tuple[list, list[Tensor], list[Tensor]]]:
+        """``(layers, gradients, preconditioned gradients)`` for all of ``layers``,
+        in batches that subclasses may compute together (SINGD batches layers of
+        the same shapes); by default one layer at a time, so that only one
+        layer's gradient matrix (a copy, with a bias) is held at once. A missing
+        weight (or bias) gradient counts as zero."""
+        for layer in layers:
+            grad = layer.gradient_matrix()
+            yield [layer], [grad], [self._precondition(layer, grad)]
+
     def _layer_update(
         self, layer: KroneckerLayer, grad: Tensor, pending_avg: dict[str, Tensor], clip_flags: list[Tensor]
     ) -> Tensor:
         """The preconditioned ``(d_o, d_K)`` gradient ``grad`` of ``layer``, spike
         guard applied (see :meth:`_clip_update`)."""
-        natural = self._precondition(layer, grad)
+        return self._guarded_update(layer, self._precondition(layer, grad), pending_avg, clip_flags)
+
+    def _guarded_update(
+        self, layer: KroneckerLayer, natural: Tensor, pending_avg: dict[str, Tensor], clip_flags: list[Tensor]
+    ) -> Tensor:
+        """``layer``'s preconditioned gradient ``natural`` with the spike guard applied."""
         if layer.group["update_clip"] is not None:
             natural = self._clip_update(layer, natural, layer.group["update_clip"], pending_avg, clip_flags)
         return natural

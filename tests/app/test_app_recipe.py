@@ -130,3 +130,10 @@ def test_swin_recipe_trains_on_fake_cifar100(tmp_path: Path, monkeypatch: pytest
     results = train(cfg)
     assert results["status"] == "ok", results.get("error")
     assert results["test_acc"] is not None
+
+
+@pytest.mark.parametrize("name", ["singd", "ingd", "ikfac"])
+def test_batch_layers_is_an_optimizer_option(name: str) -> None:
+    assert _configured(compose_cfg([f"optimizer={name}"]))["optimizer"].batch_layers is None  # CUDA only
+    optimizer = _configured(compose_cfg([f"optimizer={name}", "optimizer.batch_layers=true"]))["optimizer"]
+    assert optimizer.batch_layers is True

@@ -205,3 +205,14 @@ def test_no_optimizer_warning_only_without_the_callback(with_callback):
     assert warned is not with_callback
     assert "configure_optimizers" not in vars(module)  # the stand-in is gone after the fit
     assert isinstance(trainer.optimizers[0], SINGD) is with_callback
+
+
+def test_batch_layers_reaches_singd_and_kfac_refuses_it():
+    callback = SINGDCallback(batch_layers=True)
+    assert callback.options == {"batch_layers": True}
+    assert KRONECKER_OPTIMIZERS["singd"](nn.Linear(3, 2), **callback.options).batch_layers is True
+    assert KRONECKER_OPTIMIZERS["ikfac"](nn.Linear(3, 2), **SINGDCallback("ikfac").options).batch_layers is None
+    with pytest.raises(ValueError, match="optimizer='kfac' does not take batch_layers"):
+        SINGDCallback("kfac", batch_layers=True)
+    with pytest.raises(ValueError, match="batch_layers must be None, True or False"):
+        SINGDCallback(batch_layers="yes")

@@ -1,0 +1,182 @@
+"""``batch_layers``: layers with the same factor shapes are preconditioned in one
+batched call per group, and training follows the layer-by-layer optimizer."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from singd_lightning import SINGD
+from singd_lightning.structures import STRUCTURES as REGISTRY
+
+STRUCTURES = ["diagonal", "block_diagonal", "hierarchical", "dense", "tril_toeplitz"]
+
+
+class Blocks(nn.Module):
+    """Same-shaped layers of every kind the optimizer batches: three 8 → 8 linear
+    layers (one without a bias but with a 9th input, so its ``d_K`` matches), two
+    3×3 convolutions, two embeddings, and a head of its own shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embeddings = nn.ModuleList([nn.Embedding(10, 8), nn.Embedding(10, 8)])
+        self.convs = nn.ModuleList([nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)])
+        self.linears = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(9, 8, bias=False)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings[0](tokens).mean(1) + self.embeddings[1](tokens).mean(1)
+        for conv in self.convs:
+            image = torch.tanh(conv(image))
+        x = x + image.flatten(1)[:, :8]
+        x = torch.tanh(self.linears[0](x))
+        x = torch.tanh(self.linears[1](x))
+        x = torch.tanh(self.linears[2](torch.cat([x, x[:, :1]], dim=1)))
+        return self.head(x)
+
+
+def _spec(structure: str) -> dict:
+    spec = {"name": structure}
+    if structure == "block_diagonal":
+        spec["block_size"] = 3
+    if structure == "hierarchical":
+        spec.update(k1=2, k2=3)
+    return spec
+
+
+def _optimizer(model: nn.Module, structure: str, batch: bool | None, T: int = 1, **kwargs) -> SINGD:
+    spec = _spec(structure)
+    return SINGD(model, lr=0.05, T=T, structures=(spec, spec), layer_structures={"Embedding": (spec, spec)},
+                 batch_layers=batch, **kwargs)
+
+
+def _train(model: nn.Module, optimizer: SINGD, steps: int, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        tokens, image = torch.randint(0, 10, (16, 5), generator=g), torch.randn(16, 2, 4, 4, generator=g)
+        y = torch.randint(0, 3, (16,), generator=g)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(tokens, image), y).backward()
+        optimizer.step()
+
+
+def _pair(structure: str, T: int) -> tuple[list[nn.Module], list[SINGD]]:
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(Blocks())
+    return models, [_optimizer(models[0], structure, False, T), _optimizer(models[1], structure, True, T)]
+
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_batched_training_follows_layer_by_layer(structure, T):
+    models, optimizers = _pair(structure, T)
+    for model, optimizer in zip(models, optimizers):
+        _train(model, optimizer, steps=7)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for name, state in optimizers[0].layer_state.items():
+        for key, value in state.items():
+            torch.testing.assert_close(optimizers[1].layer_state[name][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_same_shaped_layers_are_preconditioned_together(monkeypatch):
+    calls = []
+    cls = REGISTRY["hierarchical"]
+    original = cls.matmul_outer_form
+    monkeypatch.setattr(cls, "matmul_outer_form", lambda self, form, x: calls.append(x.shape) or original(self, form, x))
+    model = Blocks()
+    optimizer = _optimizer(model, "hierarchical", True)
+    _train(model, optimizer, steps=1)
+    # Groups: the two embeddings, the two convolutions, the three 8 → 8 linear
+    # layers (with and without a bias, d_K = 9), the head alone: two calls each.
+    batches = sorted(shape[0] if len(shape) == 3 else 1 for shape in calls)
+    assert batches == [1, 1, 2, 2, 2, 2, 3, 3]
+
+
+def test_default_batches_on_cuda_only(monkeypatch):
+    model = Blocks()
+    optimizer = _optimizer(model, "diagonal", None)
+    layers = optimizer.layers
+    assert optimizer.batch_layers is None and not optimizer._batching(layers)
+    assert _optimizer(model, "diagonal", True)._batching(layers)
+    monkeypatch.setattr(type(layers[0].weight), "device", property(lambda self: torch.device("cuda", 0)))
+    assert optimizer._batching(layers)
+
+
+def test_stacked_forms_are_kept_between_updates_and_see_in_place_changes(monkeypatch):
+    calls = []
+    cls = REGISTRY["hierarchical"]
+    original = cls.outer_form
+    monkeypatch.setattr(cls, "outer_form", lambda self, data: calls.append(data.shape) or original(self, data))
+    model = Blocks()
+    optimizer = _optimizer(model, "hierarchical", True, T=3)
+    _train(model, optimizer, steps=6)  # updates at steps 0 and 3
+    stacked = [shape for shape in calls if len(shape) == 2]
+    # Three groups of two factors, rebuilt at each of the two updates only.
+    assert len(stacked) == 3 * 2 * 2
+    layer = optimizer.layers[-2]  # the third 8 → 8 linear layer, in the group of three
+    group = [other for other in optimizer.layers if optimizer.layouts(other) == optimizer.layouts(layer)]
+    for other in group:
+        other.weight.grad = torch.randn_like(other.weight)
+        if other.has_bias:
+            other.module.bias.grad = torch.zeros_like(other.module.bias)
+    before = next(n for ls, _, n in optimizer._preconditioned(group) for lay, n in zip(ls, n) if lay is layer)
+    optimizer.layer_state[layer.name]["K"].mul_(2.0)  # S Sᵀ grows 4×
+    after = next(n for ls, _, n in optimizer._preconditioned(group) for lay, n in zip(ls, n) if lay is layer)
+    torch.testing.assert_close(after, 4 * before)
+
+
+def test_a_non_finite_gradient_in_a_group_skips_the_step_unchanged():
+    model = Blocks()
+    optimizer = _optimizer(model, "block_diagonal", True)
+    _train(model, optimizer, steps=2)
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {name: {k: v.clone() for k, v in s.items()} for name, s in optimizer.layer_state.items()}
+    g = torch.Generator().manual_seed(5)
+    tokens, image = torch.randint(0, 10, (16, 5), generator=g), torch.randn(16, 2, 4, 4, generator=g)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(tokens, image), torch.randint(0, 3, (16,), generator=g)).backward()
+    model.linears[1].weight.grad[0, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer.step()
+    assert optimizer.skipped_steps == 1 and any("skipped" in str(w.message) for w in caught)
+    for before, after in zip(params, model.parameters()):
+        assert torch.equal(before, after)
+    for name, saved in state.items():
+        for key, value in saved.items():
+            assert torch.equal(optimizer.layer_state[name][key], value)
+
+
+def test_mixed_factor_dtypes_form_separate_groups():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    groups = [{"params": list(model[0].parameters()), "preconditioner_dtype": (torch.float64, torch.float64)},
+              {"params": list(model[2].parameters()) + list(model[4].parameters())}]
+    reference = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    reference.load_state_dict(model.state_dict())
+    ref_groups = [{"params": list(reference[0].parameters()), "preconditioner_dtype": (torch.float64, torch.float64)},
+                  {"params": list(reference[2].parameters()) + list(reference[4].parameters())}]
+    optimizers = [SINGD(model, groups, lr=0.05, T=1, structures="hierarchical", batch_layers=True),
+                  SINGD(reference, ref_groups, lr=0.05, T=1, structures="hierarchical", batch_layers=False)]
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        x, y = torch.randn(16, 8, generator=g), torch.randint(0, 8, (16,), generator=g)
+        for net, optimizer in zip((model, reference), optimizers):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+    assert optimizers[0].layer_state["0"]["K"].dtype == torch.float64
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, "auto"])
+def test_invalid_batch_layers_is_refused(value):
+    with pytest.raises(ValueError, match="batch_layers must be None, True or False"):
+        _optimizer(Blocks(), "diagonal", value)
