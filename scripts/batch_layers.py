@@ -23,6 +23,11 @@ rounds; on CUDA every call starts and ends with a synchronisation):
 - ``prestacked``: one call on operands stacked beforehand: the most batching
   could gain, were the group's state and gradients stored stacked.
 
+And the whole ``optimizer.step()`` of a step that does not update the factors
+(``--step``: the model's gradients fixed, ``batch_layers`` off and on, AdamW's
+step beside them), on a model trained one step first so that the factors have
+left the identity.
+
 The batched results are compared with the one-by-one results (a batched call
 must compute the same thing, up to rounding): the script exits with status 1,
 after writing its numbers, if any differ by more than :data:`TOLERANCE`. Example::
@@ -196,6 +201,33 @@ def measure(model_name: str, structures: Sequence[str], columns: int, repeats: i
     return rows
 
 
+def step_times(model_name: str, structure: str, batch_size: int, repeats: int, warmup: int,
+               device: torch.device, seed: int = 0) -> dict:
+    """Median milliseconds of ``optimizer.step()`` between factor updates with
+    ``batch_layers`` off and on, and of AdamW's step, the three taking turns."""
+    optimizers = {}
+    for way in ("layer_by_layer", "batched", "adamw"):
+        torch.manual_seed(seed)
+        model = build_model(model_name).to(device)
+        if way == "adamw":
+            optimizers[way] = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        else:
+            optimizers[way] = SINGD(model, lr=1e-3, T=1, structures=(structure, structure),
+                                    batch_layers=way == "batched")
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch_size, 3, 32, 32, generator=generator).to(device)
+        y = torch.randint(0, 100, (batch_size,), generator=generator).to(device)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizers[way].step()  # one factor update: the factors leave the identity
+        for group in optimizers[way].param_groups:
+            group["T"] = 10**9  # no update from here on: the steps only precondition
+    calls = {way: optimizer.step for way, optimizer in optimizers.items()}
+    ms = time_ways(calls, repeats, warmup, device)
+    return {"model": model_name, "structure": structure, "batch_size": batch_size,
+            **{f"{way}_ms": round(value, 3) for way, value in ms.items()},
+            "batched_speedup": round(ms["layer_by_layer"] / ms["batched"], 3)}
+
+
 def totals(rows: list[dict]) -> list[dict]:
     """Per (model, structure, operation): the milliseconds of all groups summed."""
     out: dict[tuple, dict] = {}
@@ -235,12 +267,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: a busy 2-core machine)")
-    parser.add_argument("--json", type=Path, help="write {environment, groups, totals} here")
+    parser.add_argument("--step", action="store_true",
+                        help="also time the whole optimizer.step() between updates, batch_layers off and on")
+    parser.add_argument("--batch-size", type=int, default=64, help="of the one training step before --step")
+    parser.add_argument("--json", type=Path, help="write {environment, groups, totals, steps} here")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
-    if args.columns < 1 or args.repeats < 1 or args.warmup < 0 or args.threads < 1:
-        parser.error("--columns, --repeats and --threads must be >= 1, --warmup >= 0")
+    if min(args.columns, args.repeats, args.threads, args.batch_size) < 1 or args.warmup < 0:
+        parser.error("--columns, --repeats, --threads and --batch-size must be >= 1, --warmup >= 0")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = []
@@ -250,11 +285,21 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     print("\nPer model, structure and operation (all groups):\n")
     print(table(summed))
+    steps = [step_times(model, structure, args.batch_size, args.repeats, args.warmup, device)
+             for model in args.models for structure in args.structures] if args.step else []
+    if steps:
+        print("\nWhole optimizer.step() between factor updates:\n")
+        print("| model | structure | layer by layer ms | batched ms | AdamW ms | batched speed-up |")
+        print("|---|---|---|---|---|---|")
+        for r in steps:
+            print(f"| {r['model']} | {r['structure']} | {r['layer_by_layer_ms']:.2f} | {r['batched_ms']:.2f} "
+                  f"| {r['adamw_ms']:.2f} | {r['batched_speedup']:.2f} |")
     if args.json:
         environment = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
                        "torch": torch.__version__, "dtype": args.dtype, "threads": args.threads,
                        "columns": args.columns, "repeats": args.repeats}
-        args.json.write_text(json.dumps({"environment": environment, "groups": rows, "totals": summed}, indent=1))
+        args.json.write_text(json.dumps({"environment": environment, "groups": rows, "totals": summed,
+                                          "steps": steps}, indent=1))
     differing = [r for r in rows if not r["same"]]
     for r in differing:
         print(f"DIFFERENT {r['model']} {r['structure']} {r['operation']} {r['d_C']}x{r['d_K']}: batched results "

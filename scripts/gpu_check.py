@@ -14,7 +14,8 @@ under one folder (``--out``)::
     batching.json  scripts/batch_layers.py on the device: preconditioning,
                  statistic projections and factor products of each group of
                  same-shaped layers (CCT, Swin), one call per layer against one
-                 batched call per group
+                 batched call per group, and the whole step with batch_layers
+                 off and on
     benchmark/   scripts/benchmark.py --device cuda --dtype bf16 at batch 128 per
                  model: AdamW, SGD, KFAC, the reference package and SINGD
                  (diagonal, block-diagonal, hierarchical, Toeplitz) at T = 1 and
@@ -234,14 +235,16 @@ def calibrate_toeplitz(out: Path, budget: Budget, dry_run: bool) -> dict:
 def run_batching(out: Path, budget: Budget, dry_run: bool) -> dict:
     """``scripts/batch_layers.py``: whether batching same-shaped layers pays on the device."""
     if dry_run:
-        options = ["--device", "cpu", "--models", "tiny", "--repeats", "2", "--warmup", "0", "--columns", "16"]
+        options = ["--device", "cpu", "--models", "tiny", "--repeats", "2", "--warmup", "0", "--columns", "16",
+                   "--step", "--batch-size", "2"]
     else:
-        options = ["--device", "cuda", "--models", "cct", "swin", "--repeats", "20"]
+        options = ["--device", "cuda", "--models", "cct", "swin", "--repeats", "20", "--step", "--batch-size", "32"]
     json_file = out / "batching.json"
     result = _run([sys.executable, "scripts/batch_layers.py", *options, "--json", str(json_file)],
                   out / "batching.log", budget.take(10**9))
-    totals = json.loads(json_file.read_text())["totals"] if json_file.exists() else []
-    return {**result, "totals": totals, "ok": result["returncode"] == 0 and bool(totals)}
+    report = json.loads(json_file.read_text()) if json_file.exists() else {"totals": [], "steps": []}
+    return {**result, "totals": report["totals"], "steps": report["steps"],
+            "ok": result["returncode"] == 0 and bool(report["totals"])}
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
@@ -305,6 +308,10 @@ def markdown(summary: dict) -> str:
         lines += [f"| {r['model']} | {r['structure']} | {r['operation']} | {r['layers']} | {r['one_by_one_ms']:.3f} "
                   f"| {r['batched_ms']:.3f} ({r['batched_speedup']:.2f}×) | {r['prestacked_ms']:.3f} "
                   f"({r['prestacked_speedup']:.2f}×) |" for r in batching["totals"]]
+        lines += ["", "Whole `optimizer.step()` between factor updates, `batch_layers` off and on:", "",
+                  "| model | structure | layer by layer ms | batched ms | AdamW ms |", "|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['structure']} | {r['layer_by_layer_ms']:.2f} | {r['batched_ms']:.2f} "
+                  f"({r['batched_speedup']:.2f}×) | {r['adamw_ms']:.2f} |" for r in batching["steps"]]
         lines.append("")
     bench = stages.get("benchmark")
     if bench:

@@ -57,7 +57,8 @@ def test_groups_hold_layers_of_the_same_shapes():
 
 def test_writes_every_group_and_way(tmp_path, capsys):
     out = tmp_path / "batching.json"
-    assert batch_layers.main([*TINY, "--structures", "diagonal", "hierarchical", "--json", str(out)]) == 0
+    assert batch_layers.main([*TINY, "--structures", "diagonal", "hierarchical", "--step", "--batch-size", "2",
+                              "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     groups, totals = report["groups"], report["totals"]
     assert {(r["structure"], r["operation"]) for r in groups} == {
@@ -71,7 +72,10 @@ def test_writes_every_group_and_way(tmp_path, capsys):
         members = [r for r in groups if (r["structure"], r["operation"]) == (total["structure"], total["operation"])]
         assert total["layers"] == sum(r["layers"] for r in members)
         assert total["one_by_one_ms"] == pytest.approx(sum(r["one_by_one_ms"] for r in members))
-    assert "| tiny | hierarchical | precondition |" in capsys.readouterr().out
+    assert [r["structure"] for r in report["steps"]] == ["diagonal", "hierarchical"]
+    assert all(r[f"{way}_ms"] > 0 for r in report["steps"] for way in ("layer_by_layer", "batched", "adamw"))
+    printed = capsys.readouterr().out
+    assert "| tiny | hierarchical | precondition |" in printed and "Whole optimizer.step()" in printed
 
 
 def test_a_batched_call_that_differs_fails_the_script(monkeypatch, capsys):
