@@ -583,8 +583,9 @@ class SINGD(KroneckerOptimizer):
         return x.to(grad.dtype)
 
     def _preconditioned(self, layers: list[KroneckerLayer]):
-        """Per group of ``layers`` with the same structures, dimensions and dtypes,
-        one batched preconditioning (see ``batch_layers``); other layers one by one."""
+        """Per group of ``layers`` with the same structures, dimensions, dtypes and
+        parameter group, one batched preconditioning (see ``batch_layers``); other
+        layers one by one."""
         if not layers or not self._batching(layers):
             yield from super()._preconditioned(layers)
             return
@@ -592,7 +593,9 @@ class SINGD(KroneckerOptimizer):
         for layer in layers:
             state = self.layer_state[layer.name]
             weight = layer.weight
-            key = (*self.layouts(layer), state["K"].dtype, state["C"].dtype, weight.dtype, weight.device)
+            # One parameter group per batch: its update_clip, kl_clip and lr apply to all.
+            key = (*self.layouts(layer), state["K"].dtype, state["C"].dtype, weight.dtype, weight.device,
+                   id(layer.group))
             groups.setdefault(key, []).append(layer)
         for key, members in groups.items():
             if len(members) == 1:
@@ -603,7 +606,7 @@ class SINGD(KroneckerOptimizer):
             form_k, form_c = self._stacked_outer_forms(key, members)
             x = layout_k.matmul_outer_form(form_k, grads.mT.to(dtype_k))
             x = layout_c.matmul_outer_form(form_c, x.mT.to(dtype_c))
-            yield members, list(grads.unbind()), list(x.to(grads.dtype).unbind())
+            yield members, grads, x.to(grads.dtype)
 
     def _batching(self, layers: list[KroneckerLayer]) -> bool:
         """Whether to batch same-shaped layers (``batch_layers``; None: on CUDA)."""

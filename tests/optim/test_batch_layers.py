@@ -8,8 +8,10 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from singd_lightning import SINGD
+from singd_lightning.optim import base
 from singd_lightning.structures import STRUCTURES as REGISTRY
 
 STRUCTURES = ["diagonal", "block_diagonal", "hierarchical", "dense", "tril_toeplitz"]
@@ -180,3 +182,74 @@ def test_mixed_factor_dtypes_form_separate_groups():
 def test_invalid_batch_layers_is_refused(value):
     with pytest.raises(ValueError, match="batch_layers must be None, True or False"):
         _optimizer(Blocks(), "diagonal", value)
+
+
+def test_a_spike_in_one_layer_of_a_batch_is_clipped_as_layer_by_layer():
+    models, optimizers = _pair("hierarchical", 1)
+    for model, optimizer in zip(models, optimizers):
+        _train(model, optimizer, steps=3)
+        g = torch.Generator().manual_seed(9)
+        tokens, image = torch.randint(0, 10, (16, 5), generator=g), torch.randn(16, 2, 4, 4, generator=g)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(tokens, image), torch.randint(0, 3, (16,), generator=g)).backward()
+        model.linears[1].weight.grad.mul_(1e4)  # one layer of the batch of three spikes
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            optimizer.step()
+        assert optimizer.clipped_updates == 1 and any("update_clip" in str(w.message) for w in caught)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for name, norm in optimizers[0].update_norm_avg.items():
+        torch.testing.assert_close(optimizers[1].update_norm_avg[name], norm, rtol=1e-5, atol=0)
+
+
+def test_checkpoint_of_batched_running_norms_holds_own_tensors():
+    model = Blocks()
+    optimizer = _optimizer(model, "diagonal", True)
+    _train(model, optimizer, steps=3)
+    norms = optimizer.state_dict()["kronecker"]["update_norm_avg"]
+    assert all(value.untyped_storage().nbytes() == value.element_size() for value in norms.values())
+    for name, value in norms.items():
+        assert torch.equal(value, optimizer.update_norm_avg[name])
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operations that compute (views excluded): on a GPU, each is
+    a kernel launch."""
+
+    VIEWS = {"view", "_unsafe_view", "slice", "select", "transpose", "t", "expand", "unsqueeze", "squeeze",
+             "permute", "alias", "as_strided", "split", "split_with_sizes", "unbind", "detach", "lift_fresh"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] not in self.VIEWS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_plain_step(depth: int, batch: bool) -> int:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(depth)])
+    optimizer = SINGD(model, lr=0.05, T=2, structures="hierarchical", batch_layers=batch)
+    x = torch.randn(16, 8)
+    for _ in range(3):  # an update, a plain step, an update: every layer has a running norm
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    with OpCounter() as counter:  # step 3: preconditioning only
+        optimizer.step()
+    return counter.count
+
+
+def test_a_batch_costs_a_constant_number_of_operations_per_step(monkeypatch):
+    # With the multi-tensor finiteness check (CUDA's) on the CPU too.
+    monkeypatch.setattr(base, "MULTI_TENSOR_CHECK_DEVICES", frozenset({"cuda", "cpu"}))
+    batched = {depth: _ops_per_plain_step(depth, True) for depth in (4, 8)}
+    by_layer = {depth: _ops_per_plain_step(depth, False) for depth in (4, 8)}
+    # Four more layers: their gradient matrices (one cat each, with the bias) in
+    # a batch, against a dozen operations each for the guard and the preconditioning.
+    assert batched[8] - batched[4] <= 4
+    assert by_layer[8] - by_layer[4] >= 4 * 20

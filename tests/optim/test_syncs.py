@@ -179,3 +179,18 @@ def test_cuda_syncs_per_step_do_not_grow_with_layers(optimizer):
     # list of bounds), still a constant.
     shallow, deep = count(1), count(5)
     assert shallow == deep and shallow <= 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), float("-inf")])
+def test_multi_tensor_finiteness_check_agrees_with_the_per_tensor_one(monkeypatch, dtype, bad):
+    from singd_lightning.optim import base
+
+    tensors = [torch.randn(5, 3), torch.empty(0), torch.full((4,), 6e4, dtype=torch.float16), torch.randn(7).to(dtype)]
+    if bad is not None:
+        tensors[-1][3] = bad
+    flags = [torch.tensor(True), torch.tensor([True, False, True])]
+    per_tensor = base._finite_and_count(tensors, flags)
+    monkeypatch.setattr(base, "MULTI_TENSOR_CHECK_DEVICES", frozenset({"cuda", "cpu"}))
+    assert base._finite_and_count(tensors, flags) == per_tensor == (bad is None, 3)
+    assert bool(base._all_finite_foreach([torch.empty(0)])) and bool(base._all_finite_foreach([]))
