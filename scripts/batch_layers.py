@@ -26,7 +26,10 @@ rounds; on CUDA every call starts and ends with a synchronisation):
 And the whole ``optimizer.step()`` of a step that does not update the factors
 (``--step``: the model's gradients fixed, ``batch_layers`` off and on, AdamW's
 step beside them), on a model trained one step first so that the factors have
-left the identity.
+left the identity, with the number of operations each step dispatches (views
+excluded; on a GPU, kernel launches), counted as on CUDA on any device (its
+routes for launch-bound devices: the multi-tensor finiteness check, batched
+inner products).
 
 The batched results are compared with the one-by-one results (a batched call
 must compute the same thing, up to rounding): the script exits with status 1,
@@ -49,6 +52,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,6 +60,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from benchmark import MODELS, build_model  # noqa: E402
 
 from singd_lightning import SINGD  # noqa: E402
+from singd_lightning.optim import base  # noqa: E402
 from singd_lightning.structures import Structure  # noqa: E402
 
 OPERATIONS = ("precondition", "statistic", "factor_product")
@@ -201,16 +206,36 @@ def measure(model_name: str, structures: Sequence[str], columns: int, repeats: i
     return rows
 
 
+class OperationCounter(TorchDispatchMode):
+    """Counts the ATen operations that compute (views excluded): on a GPU each is
+    a kernel launch, the cost of a step of many small operations."""
+
+    VIEWS = frozenset({"view", "_unsafe_view", "slice", "select", "transpose", "t", "expand", "unsqueeze", "squeeze",
+                       "permute", "alias", "as_strided", "split", "split_with_sizes", "unbind", "detach",
+                       "lift_fresh"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] not in self.VIEWS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def step_times(model_name: str, structure: str, batch_size: int, repeats: int, warmup: int,
                device: torch.device, seed: int = 0) -> dict:
     """Median milliseconds of ``optimizer.step()`` between factor updates with
-    ``batch_layers`` off and on, and of AdamW's step, the three taking turns."""
+    ``batch_layers`` off and on, and of AdamW's step, the three taking turns; and
+    the operations each step dispatches (:class:`OperationCounter`)."""
     optimizers = {}
     for way in ("layer_by_layer", "batched", "adamw"):
         torch.manual_seed(seed)
         model = build_model(model_name).to(device)
         if way == "adamw":
-            optimizers[way] = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            # foreach: what AdamW does on CUDA by default (a few multi-tensor kernels)
+            optimizers[way] = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
         else:
             optimizers[way] = SINGD(model, lr=1e-3, T=1, structures=(structure, structure),
                                     batch_layers=way == "batched")
@@ -223,8 +248,18 @@ def step_times(model_name: str, structure: str, batch_size: int, repeats: int, w
             group["T"] = 10**9  # no update from here on: the steps only precondition
     calls = {way: optimizer.step for way, optimizer in optimizers.items()}
     ms = time_ways(calls, repeats, warmup, device)
+    operations = {}
+    saved = base.LAUNCH_BOUND_DEVICES
+    base.LAUNCH_BOUND_DEVICES = saved | {device.type}  # counted as on CUDA, on any device
+    try:
+        for way, call in calls.items():
+            with OperationCounter() as counter:
+                call()
+            operations[f"{way}_operations"] = counter.count
+    finally:
+        base.LAUNCH_BOUND_DEVICES = saved
     return {"model": model_name, "structure": structure, "batch_size": batch_size,
-            **{f"{way}_ms": round(value, 3) for way, value in ms.items()},
+            **{f"{way}_ms": round(value, 3) for way, value in ms.items()}, **operations,
             "batched_speedup": round(ms["layer_by_layer"] / ms["batched"], 3)}
 
 
@@ -269,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: a busy 2-core machine)")
     parser.add_argument("--step", action="store_true",
                         help="also time the whole optimizer.step() between updates, batch_layers off and on")
+    parser.add_argument("--no-operations", action="store_true",
+                        help="skip the per-operation timings (with --step: only the whole step)")
     parser.add_argument("--batch-size", type=int, default=64, help="of the one training step before --step")
     parser.add_argument("--json", type=Path, help="write {environment, groups, totals, steps} here")
     args = parser.parse_args(argv)
@@ -278,22 +315,27 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--columns, --repeats, --threads and --batch-size must be >= 1, --warmup >= 0")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.no_operations and not args.step:
+        parser.error("--no-operations leaves nothing to measure without --step")
     rows = []
-    for model in args.models:
+    for model in args.models if not args.no_operations else []:
         rows += measure(model, args.structures, args.columns, args.repeats, args.warmup, device, DTYPES[args.dtype])
     summed = totals(rows)
-    print(table(rows))
-    print("\nPer model, structure and operation (all groups):\n")
-    print(table(summed))
+    if rows:
+        print(table(rows))
+        print("\nPer model, structure and operation (all groups):\n")
+        print(table(summed))
     steps = [step_times(model, structure, args.batch_size, args.repeats, args.warmup, device)
              for model in args.models for structure in args.structures] if args.step else []
     if steps:
         print("\nWhole optimizer.step() between factor updates:\n")
-        print("| model | structure | layer by layer ms | batched ms | AdamW ms | batched speed-up |")
-        print("|---|---|---|---|---|---|")
+        print("| model | structure | layer by layer ms | batched ms | AdamW ms | batched speed-up "
+              "| operations: layer by layer | batched | AdamW |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in steps:
             print(f"| {r['model']} | {r['structure']} | {r['layer_by_layer_ms']:.2f} | {r['batched_ms']:.2f} "
-                  f"| {r['adamw_ms']:.2f} | {r['batched_speedup']:.2f} |")
+                  f"| {r['adamw_ms']:.2f} | {r['batched_speedup']:.2f} | {r['layer_by_layer_operations']} "
+                  f"| {r['batched_operations']} | {r['adamw_operations']} |")
     if args.json:
         environment = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
                        "torch": torch.__version__, "dtype": args.dtype, "threads": args.threads,

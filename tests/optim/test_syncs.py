@@ -191,6 +191,6 @@ def test_multi_tensor_finiteness_check_agrees_with_the_per_tensor_one(monkeypatc
         tensors[-1][3] = bad
     flags = [torch.tensor(True), torch.tensor([True, False, True])]
     per_tensor = base._finite_and_count(tensors, flags)
-    monkeypatch.setattr(base, "MULTI_TENSOR_CHECK_DEVICES", frozenset({"cuda", "cpu"}))
+    monkeypatch.setattr(base, "LAUNCH_BOUND_DEVICES", frozenset({"cuda", "cpu"}))
     assert base._finite_and_count(tensors, flags) == per_tensor == (bad is None, 3)
     assert bool(base._all_finite_foreach([torch.empty(0)])) and bool(base._all_finite_foreach([]))
