@@ -35,7 +35,7 @@ def adamw_step(params: list[Tensor], state: dict, group: dict) -> None:
     lr, weight_decay = group["lr"], group["weight_decay"]
     beta1, beta2 = group["fallback_betas"]
     eps = group["fallback_eps"]
-    grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
+    grads, exp_avgs, exp_avg_sqs, step_counts = [], [], [], []
     for p in params:
         st = state[p]
         if "exp_avg" not in st:
@@ -43,11 +43,17 @@ def adamw_step(params: list[Tensor], state: dict, group: dict) -> None:
             st["step"] = torch.tensor(0.0)
             st["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
-        st["step"] += 1
+        step_counts.append(st["step"])
         grads.append(p.grad.to(st["exp_avg"].dtype))
         exp_avgs.append(st["exp_avg"])
         exp_avg_sqs.append(st["exp_avg_sq"])
-        steps.append(int(st["step"].item()))
+    # The counts live on the host (as torch.optim keeps them): one operation for
+    # all, and one read, where a count per parameter took two each.
+    torch._foreach_add_(step_counts, 1.0)
+    if all(t.device.type == "cpu" for t in step_counts):
+        steps = [int(t) for t in torch.stack(step_counts).tolist()]
+    else:
+        steps = [int(t.item()) for t in step_counts]
     if weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
