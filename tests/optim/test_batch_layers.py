@@ -57,11 +57,13 @@ def _optimizer(model: nn.Module, structure: str, batch: bool | None, T: int = 1,
 
 def _train(model: nn.Module, optimizer: SINGD, steps: int, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
+    weight = next(model.parameters())
     for _ in range(steps):
         tokens, image = torch.randint(0, 10, (16, 5), generator=g), torch.randn(16, 2, 4, 4, generator=g)
         y = torch.randint(0, 3, (16,), generator=g)
+        tokens, image, y = tokens.to(weight.device), image.to(weight.device, weight.dtype), y.to(weight.device)
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(tokens, image), y).backward()
+        nn.functional.cross_entropy(model(tokens, image).float(), y).backward()
         optimizer.step()
 
 
@@ -265,3 +267,21 @@ def test_batched_inner_products_match_one_by_one(dtype):
     for rows in (base._inner_rows(a_t, b), base._batched_inner(a_t, b)):  # CPU's route and the GPU's
         assert rows.dtype == torch.promote_types(dtype, torch.float32)
         torch.testing.assert_close(rows.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("structure", ["diagonal", "hierarchical", "tril_toeplitz"])
+def test_cuda_batches_by_default_and_follows_layer_by_layer(structure, dtype):
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(Blocks().to("cuda", dtype))
+    optimizers = [_optimizer(models[0], structure, False), _optimizer(models[1], structure, None)]
+    assert optimizers[1]._batching(optimizers[1].layers)  # the default, on CUDA
+    for model, optimizer in zip(models, optimizers):
+        _train(model, optimizer, steps=5)
+    tolerance = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a.float(), b.float(), **tolerance)
+    assert optimizers[1].skipped_steps == optimizers[0].skipped_steps == 0
