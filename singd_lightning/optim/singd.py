@@ -36,6 +36,8 @@ PAPER_UPDATE: Mapping[str, Any] = MappingProxyType({"factor_init": "identity", "
 #: Key of the 0-dim marker in a layer's state once ``factor_init`` has set its
 #: factors (saved in checkpoints, so a resumed run does not start them again).
 INITIALIZED = "factors_initialized"
+#: The state tensors a factor update reads and replaces.
+FACTOR_KEYS = ("K", "C", "m_K", "m_C")
 #: Iterations of the ``"warm"`` start; from the scaled identity, the dense
 #: iteration reaches ``‖Π(Kᵀ M K) − I‖ < 1e-6`` in 10–16 on the tested statistics.
 WARM_ITERATIONS = 25
@@ -343,16 +345,47 @@ class SINGD(KroneckerOptimizer):
         # factors instead; it goes through the same finiteness check and undo.
         starting = [layer for layer in layers if layer.name in reduced and self._starts(layer)]
         updates = [(layer, self._initial_factors(layer, *reduced[layer.name])) for layer in starting]
-        layers = [layer for layer in layers if layer not in starting]
-        steps = [(layer, self._factor_steps(layer, *reduced[layer.name])) for layer in layers if layer.name in reduced]
+        updating = [layer for layer in layers if layer.name in reduced and layer not in starting]
+        # Per batch of layers (one layer, or same-shaped layers with batch_layers):
+        # their states and statistics, stacked along a first dimension if several.
+        steps = []
+        for batch in self._layer_batches(updating):
+            if len(batch) == 1:
+                state = self.layer_state[batch[0].name]
+                h_k, h_c = reduced[batch[0].name]
+            else:
+                states = [self.layer_state[layer.name] for layer in batch]
+                state = {key: torch.stack([s[key] for s in states]) for key in FACTOR_KEYS if key in states[0]}
+                h_k = torch.stack([reduced[layer.name][0] for layer in batch])
+                h_c = torch.stack([reduced[layer.name][1] for layer in batch])
+            steps.append((batch, state, *self._factor_steps(batch[0], h_k, h_c, state)))
         clipped = self._bound_factor_steps(steps)
-        for layer, (steps_k_c, new_state) in steps:
-            state = self.layer_state[layer.name]
+        for batch, state, steps_k_c, new_state in steps:
             # K ← K − β₁ K m_K: a first-order step of K exp(−β₁ m_K), stays in the group.
             for key, layout, m, beta in steps_k_c:
-                new_state[key] = layout.compose(state[key], m).mul_(-beta).add_(state[key])
-            updates.append((layer, new_state))
+                new_state[key] = layout.compose(state[key], m).mul_(_per_row(-beta)).add_(state[key])
+            if len(batch) == 1:
+                updates.append((batch[0], new_state))
+            else:  # each layer's rows (views: see state_dict)
+                updates += [(layer, {key: value[i] for key, value in new_state.items()}) for i, layer in enumerate(batch)]
         return updates, clipped
+
+    def _layer_batches(self, layers: list[KroneckerLayer]) -> list[list[KroneckerLayer]]:
+        """``layers`` in batches that one batched call can update or precondition:
+        with ``batch_layers``, the layers of the same factor structures,
+        dimensions and dtypes, device and parameter group (whose hyper-parameters
+        then apply to all); otherwise one layer each."""
+        if not layers or not self._batching(layers):
+            return [[layer] for layer in layers]
+        batches: dict[tuple, list[KroneckerLayer]] = {}
+        for layer in layers:
+            batches.setdefault(self._batch_key(layer), []).append(layer)
+        return list(batches.values())
+
+    def _batch_key(self, layer: KroneckerLayer) -> tuple:
+        """What layers of one batch share (see :meth:`_layer_batches`)."""
+        state, weight = self.layer_state[layer.name], layer.weight
+        return (*self.layouts(layer), state["K"].dtype, state["C"].dtype, weight.dtype, weight.device, id(layer.group))
 
     # ------------------------------------------------------ initial factors
     def _starts(self, layer: KroneckerLayer) -> bool:
@@ -488,12 +521,18 @@ class SINGD(KroneckerOptimizer):
             if self._starts(layer):
                 state[INITIALIZED] = torch.ones((), dtype=state["K"].dtype, device=state["K"].device)
 
-    def _factor_steps(self, layer: KroneckerLayer, h_k: Tensor, h_c: Tensor) -> tuple[list, dict[str, Tensor]]:
+    def _factor_steps(
+        self, layer: KroneckerLayer, h_k: Tensor, h_c: Tensor, state: dict[str, Tensor] | None = None
+    ) -> tuple[list, dict[str, Tensor]]:
         """The Riemannian steps ``m_K``, ``m_C`` (momentum included) and their
-        learning rates: ``([(key, layout, m, β), ...], new momenta)``."""
+        learning rates: ``([(key, layout, m, β), ...], new momenta)``, for the
+        factors in ``state`` (default: ``layer``'s own). ``state``, ``h_k`` and ``h_c``
+        may stack a batch of same-shaped layers of ``layer``'s parameter group
+        along a first dimension (``(L, numel)``): every step and rate is then
+        per row (``β`` of shape ``(L,)`` where it is a tensor)."""
         group = layer.group
         layout_k, layout_c = self.layouts(layer)
-        state = self.layer_state[layer.name]
+        state = self.layer_state[layer.name] if state is None else state
         K, C = state["K"], state["C"]
         damping, alpha1 = group["damping"], group["alpha1"]
         ktk = layout_k.project_self_gram(K)
@@ -507,8 +546,8 @@ class SINGD(KroneckerOptimizer):
             # τ(·) are 0-dim tensors: no host synchronisation.
             tr_hk, tr_hc = layout_k.average_trace(h_k), layout_c.average_trace(h_c)
             tr_ktk, tr_ctc = layout_k.average_trace(ktk), layout_c.average_trace(ctc)
-            m_k = h_k.mul_(tr_hc.to(h_k.dtype)).addcmul_(ktk, (damping * tr_ctc).to(ktk.dtype))
-            m_c = h_c.mul_(tr_hk.to(h_c.dtype)).addcmul_(ctc, (damping * tr_ktk).to(ctc.dtype))
+            m_k = h_k.mul_(_per_row(tr_hc.to(h_k.dtype))).addcmul_(ktk, _per_row((damping * tr_ctc).to(ktk.dtype)))
+            m_c = h_c.mul_(_per_row(tr_hk.to(h_c.dtype))).addcmul_(ctc, _per_row((damping * tr_ktk).to(ctc.dtype)))
         layout_k.add_identity_(m_k, -1.0)
         layout_c.add_identity_(m_c, -1.0)
         half = 0.5 * (1.0 - alpha1) if group["normalize_lr_cov"] else 0.5
@@ -538,28 +577,38 @@ class SINGD(KroneckerOptimizer):
         bounded, not carried on). A cleared step is the paper's, bit for bit.
         """
         candidates, bounds = [], []
-        for layer, (steps_k_c, new_state) in steps:
-            bound = layer.group["max_factor_step"]
+        for batch, _, steps_k_c, new_state in steps:
+            bound = batch[0].group["max_factor_step"]
             if bound is None:
                 continue
+            rows = range(len(batch)) if len(batch) > 1 else [None]  # None: not stacked
             for key, layout, m, beta in steps_k_c:
-                candidates.append((layer, key, layout, m, beta, bound, new_state))
-                bounds.append((layout.spectral_norm_bound(m) * beta).reshape(()).float())
+                candidates += [(batch, row, key, layout, m, beta, bound, new_state) for row in rows]
+                bounds.append((layout.spectral_norm_bound(m) * beta).reshape(-1).float())
         if not candidates:
             return 0
         device = bounds[0].device
-        limits = torch.tensor([c[5] for c in candidates], dtype=torch.float32, device=device)
-        cleared = (torch.stack([b.to(device) for b in bounds]) <= limits).tolist()
+        limits = torch.tensor([c[6] for c in candidates], dtype=torch.float32, device=device)
+        cleared = (torch.cat([b.to(device) for b in bounds]) <= limits).tolist()
         flags = []
-        for (layer, key, layout, m, beta, bound, new_state), ok in zip(candidates, cleared):
+        for (batch, row, key, layout, m, beta, bound, new_state), ok in zip(candidates, cleared):
             if ok:
                 continue
+            layer = batch[0] if row is None else batch[row]
+            if row is not None:  # this layer's row of the batch
+                m, beta = m[row], beta[row] if isinstance(beta, Tensor) and beta.ndim else beta
             step = layout.spectral_norm(m) * beta
             over = step > bound
             m.mul_(torch.where(over, bound / step, torch.ones_like(step)).to(m.dtype))
             momentum = "m_" + key
             if momentum in new_state:
-                new_state[momentum] = torch.where(over, self.layer_state[layer.name][momentum], m)
+                kept = torch.where(over, self.layer_state[layer.name][momentum], m)
+                if row is None:
+                    new_state[momentum] = kept
+                else:
+                    if new_state[momentum] is m._base:  # the momenta are the steps: keep those apart
+                        new_state[momentum] = new_state[momentum].clone()
+                    new_state[momentum][row] = kept
             flags.append(over.reshape(()))
         return int(torch.stack([f.to(device) for f in flags]).sum()) if flags else 0
 
@@ -583,30 +632,19 @@ class SINGD(KroneckerOptimizer):
         return x.to(grad.dtype)
 
     def _preconditioned(self, layers: list[KroneckerLayer]):
-        """Per group of ``layers`` with the same structures, dimensions, dtypes and
-        parameter group, one batched preconditioning (see ``batch_layers``); other
-        layers one by one."""
-        if not layers or not self._batching(layers):
-            yield from super()._preconditioned(layers)
-            return
-        groups: dict[tuple, list[KroneckerLayer]] = {}
-        for layer in layers:
-            state = self.layer_state[layer.name]
-            weight = layer.weight
-            # One parameter group per batch: its update_clip, kl_clip and lr apply to all.
-            key = (*self.layouts(layer), state["K"].dtype, state["C"].dtype, weight.dtype, weight.device,
-                   id(layer.group))
-            groups.setdefault(key, []).append(layer)
-        for key, members in groups.items():
-            if len(members) == 1:
-                yield from super()._preconditioned(members)
+        """Per batch of :meth:`_layer_batches` (same-shaped layers, with
+        ``batch_layers``), one batched preconditioning; other layers one by one."""
+        for batch in self._layer_batches(layers):
+            if len(batch) == 1:
+                yield from super()._preconditioned(batch)
                 continue
+            key = self._batch_key(batch[0])
             layout_k, layout_c, dtype_k, dtype_c = key[:4]
-            grads = torch.stack([layer.gradient_matrix() for layer in members])  # (L, d_o, d_K)
-            form_k, form_c = self._stacked_outer_forms(key, members)
+            grads = torch.stack([layer.gradient_matrix() for layer in batch])  # (L, d_o, d_K)
+            form_k, form_c = self._stacked_outer_forms(key, batch)
             x = layout_k.matmul_outer_form(form_k, grads.mT.to(dtype_k))
             x = layout_c.matmul_outer_form(form_c, x.mT.to(dtype_c))
-            yield members, grads, x.to(grads.dtype)
+            yield batch, grads, x.to(grads.dtype)
 
     def _batching(self, layers: list[KroneckerLayer]) -> bool:
         """Whether to batch same-shaped layers (``batch_layers``; None: on CUDA)."""
@@ -614,8 +652,8 @@ class SINGD(KroneckerOptimizer):
         return batch if batch is not None else layers[0].weight.device.type == "cuda"
 
     def _stacked_outer_forms(self, key: tuple, layers: list[KroneckerLayer]) -> tuple:
-        """The outer forms of the factors of ``layers`` (one group, see
-        :meth:`_preconditioned`) stacked along a new first dimension, computed by
+        """The outer forms of the factors of ``layers`` (one batch of
+        :meth:`_layer_batches`, ``key`` its :meth:`_batch_key`) stacked along a new first dimension, computed by
         one batched call per factor; kept between updates as
         :meth:`_outer_forms` keeps a layer's own."""
         layout_k, layout_c = key[:2]
@@ -655,6 +693,13 @@ class SINGD(KroneckerOptimizer):
         forms = layout_k.outer_form(K), layout_c.outer_form(C)
         cache[layer.name] = (key, forms)
         return forms
+
+
+def _per_row(value: float | Tensor) -> float | Tensor:
+    """A per-layer scalar (a float, a 0-dim tensor or one value per row of a
+    batch, ``(L,)``) shaped to scale a layer's flat storage (``(numel,)`` or
+    ``(L, numel)``) row by row; a float or 0-dim tensor as it is."""
+    return value.unsqueeze(-1) if isinstance(value, Tensor) and value.ndim else value
 
 
 def _same_factors(cached: list[tuple], current: list[tuple]) -> bool:

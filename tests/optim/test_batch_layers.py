@@ -285,3 +285,40 @@ def test_cuda_batches_by_default_and_follows_layer_by_layer(structure, dtype):
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a.float(), b.float(), **tolerance)
     assert optimizers[1].skipped_steps == optimizers[0].skipped_steps == 0
+
+
+@pytest.mark.parametrize("bound", [1e-6, 0.008])  # every factor step bounded; some
+@pytest.mark.parametrize("structure", ["diagonal", "hierarchical"])
+def test_bounded_factor_steps_in_a_batch_follow_layer_by_layer(structure, bound):
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(Blocks())
+    # α₁ > 0: a bounded step keeps the old Riemannian momentum, which is the same
+    # tensor as the step until then.
+    optimizers = [_optimizer(model, structure, batch, max_factor_step=bound, alpha1=0.5)
+                  for model, batch in zip(models, (False, True))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the bound's warning, every step
+        for model, optimizer in zip(models, optimizers):
+            _train(model, optimizer, steps=4)
+    assert optimizers[1].clipped_factor_updates == optimizers[0].clipped_factor_updates > 0
+    if bound == 0.008:
+        assert optimizers[0].clipped_factor_updates < 4 * 2 * len(optimizers[0].layers)  # not all
+    for name, state in optimizers[0].layer_state.items():
+        for key, value in state.items():
+            torch.testing.assert_close(optimizers[1].layer_state[name][key], value, rtol=1e-5, atol=1e-6)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_of_batched_factors_holds_own_tensors():
+    model = Blocks()
+    optimizer = _optimizer(model, "hierarchical", True)
+    _train(model, optimizer, steps=2)
+    assert any(state["K"]._base is not None for state in optimizer.layer_state.values())  # rows of a batch
+    saved = optimizer.state_dict()["kronecker"]["layers"]
+    for name, state in saved.items():
+        for key, value in state.items():
+            assert value._base is None and value.untyped_storage().nbytes() == value.numel() * value.element_size()
+            assert torch.equal(value, optimizer.layer_state[name][key])

@@ -194,3 +194,19 @@ def test_multi_tensor_finiteness_check_agrees_with_the_per_tensor_one(monkeypatc
     monkeypatch.setattr(base, "LAUNCH_BOUND_DEVICES", frozenset({"cuda", "cpu"}))
     assert base._finite_and_count(tensors, flags) == per_tensor == (bad is None, 3)
     assert bool(base._all_finite_foreach([torch.empty(0)])) and bool(base._all_finite_foreach([]))
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), float("-inf")])
+def test_multi_tensor_check_per_entry_agrees_with_the_per_tensor_one(monkeypatch, bad):
+    from singd_lightning.optim import base
+
+    entries = [[torch.randn(4), torch.randn(2, 3).bfloat16()], [torch.empty(0), torch.ones(())],
+               [torch.full((3,), 6e4, dtype=torch.float16)], [torch.randn(5), torch.randn(5).double(), torch.randn(1)]]
+    if bad is not None:
+        entries[1][1] = torch.tensor(bad)
+        entries[3][1][2] = bad
+    per_tensor = base._finite_per_entry(entries)
+    monkeypatch.setattr(base, "LAUNCH_BOUND_DEVICES", frozenset({"cuda", "cpu"}))
+    multi_tensor = base._finite_per_entry(entries)
+    expected = [True, bad is None, True, bad is None]
+    assert per_tensor.tolist() == multi_tensor.tolist() == expected
