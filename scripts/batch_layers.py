@@ -23,13 +23,13 @@ rounds; on CUDA every call starts and ends with a synchronisation):
 - ``prestacked``: one call on operands stacked beforehand: the most batching
   could gain, were the group's state and gradients stored stacked.
 
-And the whole ``optimizer.step()`` of a step that does not update the factors
-(``--step``: the model's gradients fixed, ``batch_layers`` off and on, AdamW's
-step beside them), on a model trained one step first so that the factors have
-left the identity, with the number of operations each step dispatches (views
+And the whole ``optimizer.step()`` (``--step``: ``batch_layers`` off and on,
+AdamW's step beside them) at a factor update and between updates (the
+gradients fixed), with the number of operations each step dispatches (views
 excluded; on a GPU, kernel launches), counted as on CUDA on any device (its
-routes for launch-bound devices: the multi-tensor finiteness check, batched
-inner products).
+routes for launch-bound devices: the multi-tensor finiteness checks, batched
+inner products). The statistics the backward hooks collect are not in these
+steps: they are projected layer by layer as the gradients arrive.
 
 The batched results are compared with the one-by-one results (a batched call
 must compute the same thing, up to rounding): the script exits with status 1,
@@ -225,11 +225,14 @@ class OperationCounter(TorchDispatchMode):
 
 
 def step_times(model_name: str, structure: str, batch_size: int, repeats: int, warmup: int,
-               device: torch.device, seed: int = 0) -> dict:
-    """Median milliseconds of ``optimizer.step()`` between factor updates with
-    ``batch_layers`` off and on, and of AdamW's step, the three taking turns; and
-    the operations each step dispatches (:class:`OperationCounter`)."""
-    optimizers = {}
+               device: torch.device, seed: int = 0, update_repeats: int = 5) -> dict:
+    """Median milliseconds of ``optimizer.step()`` with ``batch_layers`` off and on,
+    and of AdamW's step, the three taking turns: at a factor update (each after a
+    forward and backward pass, untimed, that collects the statistics;
+    ``update_repeats`` rounds) and between updates (the gradients fixed;
+    ``repeats`` rounds). With the operations each step dispatches
+    (:class:`OperationCounter`), counted as on CUDA."""
+    optimizers, batches = {}, {}
     for way in ("layer_by_layer", "batched", "adamw"):
         torch.manual_seed(seed)
         model = build_model(model_name).to(device)
@@ -242,25 +245,52 @@ def step_times(model_name: str, structure: str, batch_size: int, repeats: int, w
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn(batch_size, 3, 32, 32, generator=generator).to(device)
         y = torch.randint(0, 100, (batch_size,), generator=generator).to(device)
+        batches[way] = (model, x, y)
+
+    def backward(way: str) -> None:
+        model, x, y = batches[way]
+        optimizers[way].zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizers[way].step()  # one factor update: the factors leave the identity
-        for group in optimizers[way].param_groups:
-            group["T"] = 10**9  # no update from here on: the steps only precondition
-    calls = {way: optimizer.step for way, optimizer in optimizers.items()}
-    ms = time_ways(calls, repeats, warmup, device)
-    operations = {}
+
     saved = base.LAUNCH_BOUND_DEVICES
-    base.LAUNCH_BOUND_DEVICES = saved | {device.type}  # counted as on CUDA, on any device
-    try:
-        for way, call in calls.items():
+
+    def count(way: str) -> int:
+        base.LAUNCH_BOUND_DEVICES = saved | {device.type}  # counted as on CUDA, on any device
+        try:
             with OperationCounter() as counter:
-                call()
-            operations[f"{way}_operations"] = counter.count
-    finally:
-        base.LAUNCH_BOUND_DEVICES = saved
+                optimizers[way].step()
+        finally:
+            base.LAUNCH_BOUND_DEVICES = saved
+        return counter.count
+
+    # At factor updates (T = 1): every step collects, updates and preconditions.
+    update_ms: dict[str, list[float]] = {way: [] for way in optimizers}
+    for round_index in range(1 + update_repeats):  # the first one moves the factors off the identity
+        for way in optimizers:
+            backward(way)
+            _synchronize(device)
+            start = time.perf_counter()
+            optimizers[way].step()
+            _synchronize(device)
+            if round_index:
+                update_ms[way].append(1e3 * (time.perf_counter() - start))
+    counts = {}
+    for way in optimizers:
+        backward(way)
+        counts[f"{way}_update_operations"] = count(way)
+    # Between updates: the steps only precondition, the gradients fixed.
+    for optimizer in optimizers.values():
+        for group in optimizer.param_groups:
+            group["T"] = 10**9
+    ms = time_ways({way: optimizer.step for way, optimizer in optimizers.items()}, repeats, warmup, device)
+    counts.update({f"{way}_operations": count(way) for way in optimizers})
     return {"model": model_name, "structure": structure, "batch_size": batch_size,
-            **{f"{way}_ms": round(value, 3) for way, value in ms.items()}, **operations,
-            "batched_speedup": round(ms["layer_by_layer"] / ms["batched"], 3)}
+            **{f"{way}_ms": round(value, 3) for way, value in ms.items()},
+            **{f"{way}_update_ms": round(statistics.median(values), 3) for way, values in update_ms.items()},
+            **counts,
+            "batched_speedup": round(ms["layer_by_layer"] / ms["batched"], 3),
+            "batched_update_speedup": round(statistics.median(update_ms["layer_by_layer"])
+                                            / statistics.median(update_ms["batched"]), 3)}
 
 
 def totals(rows: list[dict]) -> list[dict]:
@@ -328,14 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     steps = [step_times(model, structure, args.batch_size, args.repeats, args.warmup, device)
              for model in args.models for structure in args.structures] if args.step else []
     if steps:
-        print("\nWhole optimizer.step() between factor updates:\n")
-        print("| model | structure | layer by layer ms | batched ms | AdamW ms | batched speed-up "
-              "| operations: layer by layer | batched | AdamW |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("\nWhole optimizer.step(), layer by layer → batched (AdamW's), and the operations it dispatches:\n")
+        print("| model | structure | between updates: ms | operations | at an update: ms | operations |")
+        print("|---|---|---|---|---|---|")
         for r in steps:
-            print(f"| {r['model']} | {r['structure']} | {r['layer_by_layer_ms']:.2f} | {r['batched_ms']:.2f} "
-                  f"| {r['adamw_ms']:.2f} | {r['batched_speedup']:.2f} | {r['layer_by_layer_operations']} "
-                  f"| {r['batched_operations']} | {r['adamw_operations']} |")
+            print(f"| {r['model']} | {r['structure']} | {r['layer_by_layer_ms']:.2f} → {r['batched_ms']:.2f} "
+                  f"({r['adamw_ms']:.2f}) | {r['layer_by_layer_operations']} → {r['batched_operations']} "
+                  f"({r['adamw_operations']}) | {r['layer_by_layer_update_ms']:.1f} → {r['batched_update_ms']:.1f} "
+                  f"({r['adamw_update_ms']:.1f}) | {r['layer_by_layer_update_operations']} → "
+                  f"{r['batched_update_operations']} ({r['adamw_update_operations']}) |")
     if args.json:
         environment = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
                        "torch": torch.__version__, "dtype": args.dtype, "threads": args.threads,

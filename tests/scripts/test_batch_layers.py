@@ -73,9 +73,16 @@ def test_writes_every_group_and_way(tmp_path, capsys):
         assert total["layers"] == sum(r["layers"] for r in members)
         assert total["one_by_one_ms"] == pytest.approx(sum(r["one_by_one_ms"] for r in members))
     assert [r["structure"] for r in report["steps"]] == ["diagonal", "hierarchical"]
-    assert all(r[f"{way}_ms"] > 0 for r in report["steps"] for way in ("layer_by_layer", "batched", "adamw"))
+    for r in report["steps"]:
+        for way in ("layer_by_layer", "batched", "adamw"):
+            assert r[f"{way}_ms"] > 0 and r[f"{way}_update_ms"] > 0
+            assert r[f"{way}_operations"] > 0 and r[f"{way}_update_operations"] > 0
+        # batching removes operations, at updates more than between them
+        assert r["batched_operations"] < r["layer_by_layer_operations"]
+        assert r["batched_update_operations"] < r["layer_by_layer_update_operations"]
     printed = capsys.readouterr().out
     assert "| tiny | hierarchical | precondition |" in printed and "Whole optimizer.step()" in printed
+    assert torch.get_num_threads() == 1  # (restored by the fixture)
 
 
 def test_a_batched_call_that_differs_fails_the_script(monkeypatch, capsys):
