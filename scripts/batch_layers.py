@@ -231,7 +231,8 @@ def step_times(model_name: str, structure: str, batch_size: int, repeats: int, w
     forward and backward pass, untimed, that collects the statistics;
     ``update_repeats`` rounds) and between updates (the gradients fixed;
     ``repeats`` rounds). With the operations each step dispatches
-    (:class:`OperationCounter`), counted as on CUDA."""
+    (:class:`OperationCounter`), counted as on CUDA, and those of the backward
+    pass before an update (with the hooks that collect the statistics)."""
     optimizers, batches = {}, {}
     for way in ("layer_by_layer", "batched", "adamw"):
         torch.manual_seed(seed)
@@ -276,7 +277,9 @@ def step_times(model_name: str, structure: str, batch_size: int, repeats: int, w
                 update_ms[way].append(1e3 * (time.perf_counter() - start))
     counts = {}
     for way in optimizers:
-        backward(way)
+        with OperationCounter() as counter:  # with the statistics' hooks (AdamW: none)
+            backward(way)
+        counts[f"{way}_backward_operations"] = counter.count
         counts[f"{way}_update_operations"] = count(way)
     # Between updates: the steps only precondition, the gradients fixed.
     for optimizer in optimizers.values():
@@ -359,14 +362,16 @@ def main(argv: list[str] | None = None) -> int:
              for model in args.models for structure in args.structures] if args.step else []
     if steps:
         print("\nWhole optimizer.step(), layer by layer → batched (AdamW's), and the operations it dispatches:\n")
-        print("| model | structure | between updates: ms | operations | at an update: ms | operations |")
-        print("|---|---|---|---|---|---|")
+        print("| model | structure | between updates: ms | operations | at an update: ms | operations "
+              "| backward operations |")
+        print("|---|---|---|---|---|---|---|")
         for r in steps:
             print(f"| {r['model']} | {r['structure']} | {r['layer_by_layer_ms']:.2f} → {r['batched_ms']:.2f} "
                   f"({r['adamw_ms']:.2f}) | {r['layer_by_layer_operations']} → {r['batched_operations']} "
                   f"({r['adamw_operations']}) | {r['layer_by_layer_update_ms']:.1f} → {r['batched_update_ms']:.1f} "
                   f"({r['adamw_update_ms']:.1f}) | {r['layer_by_layer_update_operations']} → "
-                  f"{r['batched_update_operations']} ({r['adamw_update_operations']}) |")
+                  f"{r['batched_update_operations']} ({r['adamw_update_operations']}) "
+                  f"| {r['batched_backward_operations']} ({r['adamw_backward_operations']}) |")
     if args.json:
         environment = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
                        "torch": torch.__version__, "dtype": args.dtype, "threads": args.threads,
