@@ -837,17 +837,23 @@ class KroneckerOptimizer(Optimizer):
         for layers, grads, naturals in self._preconditioned(due):
             group = layers[0].group  # (a batch's layers share their weights' group)
             naturals = self._guarded_updates(layers, naturals, pending_avg, clip_flags)
+            parts = []
             for layer, natural in zip(layers, naturals.unbind()):
                 for p, d in zip(layer.params, layer.split(natural)):
                     if id(p) in with_grad:
                         updates[id(p)] = d
+                        parts.append(d)
             if group["kl_clip"] is not None:
                 terms, scaled = kl_terms.setdefault(group["kl_clip"], ([], []))
                 if len(layers) == 1:
                     terms.append(self._kl_term(layers[0], naturals[0], grads[0]))
                 else:
                     terms.append(_inner_rows(naturals, grads).sum() * group["lr"] ** 2)
-                scaled.append(naturals)  # (the updates are its views)
+                # One scaling of the batch where the updates are its views (split
+                # gives views), else each update.
+                storage = naturals.untyped_storage().data_ptr()
+                views = all(d.untyped_storage().data_ptr() == storage for d in parts)
+                scaled += [naturals] if views else parts
         for kl_clip, (terms, scaled) in kl_terms.items():
             scale = kl_clip_scale(kl_clip, terms)
             for d in scaled:

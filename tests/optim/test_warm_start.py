@@ -264,12 +264,15 @@ def test_a_run_saved_before_factor_init_existed_is_not_started_again():
 
 
 # ----------------------------------------------------------------- KL clip
-def test_kl_clip_scales_every_update_by_the_hand_computed_factor():
+@pytest.mark.parametrize("batch_layers", [False, True])
+def test_kl_clip_scales_every_update_by_the_hand_computed_factor(batch_layers):
     lr, kl_clip = 0.5, 1e-4
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    # (two 5 → 5 layers: a batch with batch_layers)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(),
+                          nn.Linear(5, 3)).double()
     plain_model, clipped_model = copy.deepcopy(model), copy.deepcopy(model)
-    options = dict(lr=lr, momentum=0.0, T=1, update_clip=None, max_factor_step=None)
+    options = dict(lr=lr, momentum=0.0, T=1, update_clip=None, max_factor_step=None, batch_layers=batch_layers)
     plain = SINGD(plain_model, kl_clip=None, **options)
     clipped = SINGD(clipped_model, kl_clip=kl_clip, **options)
     x, y = _batch()
