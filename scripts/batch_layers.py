@@ -207,12 +207,12 @@ def measure(model_name: str, structures: Sequence[str], columns: int, repeats: i
 
 
 class OperationCounter(TorchDispatchMode):
-    """Counts the ATen operations that compute (views excluded): on a GPU each is
-    a kernel launch, the cost of a step of many small operations."""
+    """Counts the ATen operations that compute (views and dtype queries excluded):
+    on a GPU each is a kernel launch, the cost of a step of many small operations."""
 
     VIEWS = frozenset({"view", "_unsafe_view", "slice", "select", "transpose", "t", "expand", "unsqueeze", "squeeze",
                        "permute", "alias", "as_strided", "split", "split_with_sizes", "unbind", "detach",
-                       "lift_fresh"})
+                       "lift_fresh", "promote_types", "result_type"})
 
     def __init__(self) -> None:
         super().__init__()

@@ -100,6 +100,20 @@ class KroneckerLayer:
             mat = torch.cat([mat, bias_grad.to(mat.dtype).unsqueeze(1)], dim=1)
         return mat
 
+    @staticmethod
+    def stacked_gradient_matrices(layers: list[KroneckerLayer]) -> Tensor:
+        """The :meth:`gradient_matrix` of same-shaped ``layers`` stacked,
+        ``(L, d_o, d_K)``: for layers with weight and bias gradients of one
+        dtype, from the stacked weight and bias gradients (three operations, not
+        one per layer); otherwise layer by layer."""
+        plain = all(type(layer) is KroneckerLayer and layer.has_bias for layer in layers)
+        grads = [(layer.weight.grad, layer.module.bias.grad) for layer in layers] if plain else []
+        if plain and all(w is not None and b is not None and w.dtype == b.dtype == grads[0][0].dtype
+                         for w, b in grads):
+            weights = torch.stack([w for w, _ in grads]).flatten(start_dim=2)
+            return torch.cat([weights, torch.stack([b for _, b in grads]).unsqueeze(-1)], dim=-1)
+        return torch.stack([layer.gradient_matrix() for layer in layers])
+
     def split(self, mat: Tensor) -> list[Tensor]:
         """Split an augmented ``(d_o, d_K)`` matrix into tensors shaped like params."""
         if self.has_bias:

@@ -640,7 +640,7 @@ class SINGD(KroneckerOptimizer):
                 continue
             key = self._batch_key(batch[0])
             layout_k, layout_c, dtype_k, dtype_c = key[:4]
-            grads = torch.stack([layer.gradient_matrix() for layer in batch])  # (L, d_o, d_K)
+            grads = KroneckerLayer.stacked_gradient_matrices(batch)  # (L, d_o, d_K)
             form_k, form_c = self._stacked_outer_forms(key, batch)
             x = layout_k.matmul_outer_form(form_k, grads.mT.to(dtype_k))
             x = layout_c.matmul_outer_form(form_c, x.mT.to(dtype_c))

@@ -1,18 +1,27 @@
-"""``batch_layers``: layers with the same factor shapes are preconditioned in one
-batched call per group, and training follows the layer-by-layer optimizer."""
+"""``batch_layers``: layers with the same factor shapes are preconditioned, guarded
+and updated in batches, training follows the layer-by-layer optimizer, and a
+batch costs a step a constant number of operations."""
 
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from singd_lightning import SINGD
 from singd_lightning.optim import base
+from singd_lightning.optim.curvature import KroneckerLayer
 from singd_lightning.structures import STRUCTURES as REGISTRY
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+try:
+    from batch_layers import OperationCounter  # (the script's count of a step's operations)
+finally:
+    sys.path.pop(0)
 
 STRUCTURES = ["diagonal", "block_diagonal", "hierarchical", "dense", "tril_toeplitz"]
 
@@ -217,23 +226,6 @@ def test_checkpoint_of_batched_running_norms_holds_own_tensors():
         assert torch.equal(value, optimizer.update_norm_avg[name])
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the ATen operations that compute (views excluded): on a GPU, each is
-    a kernel launch."""
-
-    VIEWS = {"view", "_unsafe_view", "slice", "select", "transpose", "t", "expand", "unsqueeze", "squeeze",
-             "permute", "alias", "as_strided", "split", "split_with_sizes", "unbind", "detach", "lift_fresh"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] not in self.VIEWS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _ops_per_plain_step(depth: int, batch: bool) -> int:
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(depth)])
@@ -243,7 +235,7 @@ def _ops_per_plain_step(depth: int, batch: bool) -> int:
         optimizer.zero_grad()
         model(x).square().mean().backward()
         optimizer.step()
-    with OpCounter() as counter:  # step 3: preconditioning only
+    with OperationCounter() as counter:  # step 3: preconditioning only
         optimizer.step()
     return counter.count
 
@@ -322,3 +314,23 @@ def test_checkpoint_of_batched_factors_holds_own_tensors():
         for key, value in state.items():
             assert value._base is None and value.untyped_storage().nbytes() == value.numel() * value.element_size()
             assert torch.equal(value, optimizer.layer_state[name][key])
+
+
+def test_stacked_gradient_matrices_are_the_layers_own():
+    model = Blocks()
+    optimizer = _optimizer(model, "diagonal", True)
+    _train(model, optimizer, steps=1)
+    tokens, image = torch.randint(0, 10, (4, 5)), torch.randn(4, 2, 4, 4)
+    nn.functional.cross_entropy(model(tokens, image), torch.randint(0, 3, (4,))).backward()
+    by_name = {layer.name: layer for layer in optimizer.layers}
+    batches = [["convs.0", "convs.1"], ["linears.0", "linears.1"], ["linears.0", "linears.1", "linears.2"],
+               ["embeddings.0", "embeddings.1"]]  # with biases (stacked); mixed, embeddings (layer by layer)
+    for names in batches:
+        layers = [by_name[name] for name in names]
+        expected = torch.stack([layer.gradient_matrix() for layer in layers])
+        assert torch.equal(KroneckerLayer.stacked_gradient_matrices(layers), expected)
+    model.linears[1].bias.grad = None  # a missing bias gradient counts as zero
+    layers = [by_name["linears.0"], by_name["linears.1"]]
+    stacked = KroneckerLayer.stacked_gradient_matrices(layers)
+    assert torch.equal(stacked, torch.stack([layer.gradient_matrix() for layer in layers]))
+    assert torch.equal(stacked[1, :, -1], torch.zeros(8))
