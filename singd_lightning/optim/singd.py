@@ -15,7 +15,6 @@ from singd_lightning.optim.base import KroneckerOptimizer
 from singd_lightning.optim.curvature import LAYER_KINDS, KroneckerLayer, Rows
 from singd_lightning.optim.hyperparameters import check_bool, check_choice, check_range, resolve_lr_cov
 from singd_lightning.structures import Structure, StructureSpec, resolve_structure
-from singd_lightning.structures._utils import symmetric_matmul
 
 #: Default of ``max_factor_step`` (ρ): the largest ``‖β₁ m‖₂`` of a factor update.
 #: Below 1, ``I − β₁ m`` stays invertible, so one update can neither collapse nor
@@ -223,6 +222,23 @@ class SINGD(KroneckerOptimizer):
         super().__init__(model, params, defaults, kl_clip=kl_clip, **kwargs)
         self.batch_layers = batch_layers
 
+    @property
+    def batch_layers(self) -> bool | None:
+        """Whether same-shaped layers are updated and preconditioned in batches
+        (None: on CUDA); see the constructor. It may change between steps."""
+        return self.__dict__.get("_batch_layers")
+
+    @batch_layers.setter
+    def batch_layers(self, value: bool | None) -> None:
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"batch_layers must be None, True or False, got {value!r}.")
+        if self.__dict__.get("_stats"):
+            raise ValueError(
+                "batch_layers cannot change between a backward pass and its step: the statistics "
+                "collected so far wait to be projected one way; change it after step() or zero_grad()."
+            )
+        self._batch_layers = value
+
     def _validate_group(self, group: dict) -> None:
         check_range("alpha1", group["alpha1"], 0.0, 1.0)
         check_bool("kfac_like", group["kfac_like"])
@@ -291,16 +307,29 @@ class SINGD(KroneckerOptimizer):
         return shapes, {"m_K": shapes["K"], "m_C": shapes["C"], INITIALIZED: ()}
 
     def _statistics_numel(self, layer: KroneckerLayer) -> tuple[int, int]:
-        layout_k, layout_c = self.layouts(layer)
-        return layout_k.numel, layout_c.numel
+        sizes = []
+        for layout, deferred in zip(self.layouts(layer), self._deferred_sides(layer)):
+            sizes.append(layout.gram_statistic_numel() if deferred else layout.numel)
+        return sizes[0], sizes[1]
 
     def _statistics(self, layer: KroneckerLayer, x_in: Rows, x_out: Rows) -> tuple[Tensor, Tensor]:
-        layout_k, layout_c = self.layouts(layer)
         state = self.layer_state[layer.name]
-        raw_k, raw_c = self._raw_sides(layer)
-        return (
-            x_in.gram().flatten() if raw_k else layout_k.project_gram_rows(state["K"], x_in),
-            x_out.gram().flatten() if raw_c else layout_c.project_gram_rows(state["C"], x_out),
+        out = []
+        for deferred, key, layout, rows in zip(self._deferred_sides(layer), ("K", "C"), self.layouts(layer),
+                                               (x_in, x_out)):
+            out.append(layout.gram_statistic(rows) if deferred else layout.project_gram_rows(state[key], rows))
+        return out[0], out[1]
+
+    def _deferred_sides(self, layer: KroneckerLayer) -> tuple[bool, bool]:
+        """Whether the hooks collect K's (C's) :meth:`~singd_lightning.structures.Structure.gram_statistic`,
+        for the factor update to project (``Π(Kᵀ S K)`` is linear in ``S``: the sum
+        over passes and ranks commutes with it): for the dense factors of a
+        sharded model (:meth:`_raw_sides`), and with ``batch_layers`` for every
+        structure that has one, so that a batch's projections run as one."""
+        batching = self._batching([layer])
+        return tuple(  # type: ignore[return-value]
+            raw or (batching and layout.gram_statistic_numel() is not None)
+            for raw, layout in zip(self._raw_sides(layer), self.layouts(layer))
         )
 
     # ------------------------------------------------------ sharded models
@@ -321,16 +350,17 @@ class SINGD(KroneckerOptimizer):
         # Dense factors are projected by their owner (see _raw_sides).
         return tuple(key for key, layout in zip(("K", "C"), self.layouts(layer)) if layout.name != "dense")
 
-    def _projected(self, layer: KroneckerLayer, h_k: Tensor, h_c: Tensor) -> tuple[Tensor, Tensor]:
+    def _projected(
+        self, layer: KroneckerLayer, h_k: Tensor, h_c: Tensor, state: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``Π(Kᵀ S K)``, ``Π(Cᵀ S C)`` of the sides whose reduced statistic ``S`` the
-        hooks left unprojected (see :meth:`_raw_sides`)."""
-        state = self.layer_state[layer.name]
+        hooks left unprojected (:meth:`_deferred_sides`), with the factors in
+        ``state`` (default: ``layer``'s own; or a batch's, stacked with ``h_k``
+        and ``h_c``)."""
+        state = self.layer_state[layer.name] if state is None else state
         out = []
-        for raw, key, layout, h in zip(self._raw_sides(layer), ("K", "C"), self.layouts(layer), (h_k, h_c)):
-            if raw:
-                factor = state[key].view(layout.dim, layout.dim)
-                h = symmetric_matmul(factor.mT @ h.view_as(factor).to(factor.dtype), factor).flatten()
-            out.append(h)
+        for deferred, key, layout, h in zip(self._deferred_sides(layer), ("K", "C"), self.layouts(layer), (h_k, h_c)):
+            out.append(layout.project_gram_statistic(state[key], h) if deferred else h)
         return out[0], out[1]
 
     # --------------------------------------------------------------- update
@@ -340,16 +370,16 @@ class SINGD(KroneckerOptimizer):
         return updates[0][1]
 
     def _new_layer_states(self, layers, reduced):
-        reduced = {name: self._projected(layer, *reduced[name]) for layer in layers if (name := layer.name) in reduced}
+        layers = [layer for layer in layers if layer.name in reduced]
         # A layer's first update with factor_init other than "identity" sets its
         # factors instead; it goes through the same finiteness check and undo.
-        starting = [layer for layer in layers if layer.name in reduced and self._starts(layer)]
-        updates = [(layer, self._initial_factors(layer, *reduced[layer.name])) for layer in starting]
-        updating = [layer for layer in layers if layer.name in reduced and layer not in starting]
+        starting = [layer for layer in layers if self._starts(layer)]
+        updates = [(layer, self._initial_factors(layer, *self._projected(layer, *reduced[layer.name])))
+                   for layer in starting]
         # Per batch of layers (one layer, or same-shaped layers with batch_layers):
         # their states and statistics, stacked along a first dimension if several.
         steps = []
-        for batch in self._layer_batches(updating):
+        for batch in self._layer_batches([layer for layer in layers if layer not in starting]):
             if len(batch) == 1:
                 state = self.layer_state[batch[0].name]
                 h_k, h_c = reduced[batch[0].name]
@@ -358,6 +388,7 @@ class SINGD(KroneckerOptimizer):
                 state = {key: torch.stack([s[key] for s in states]) for key in FACTOR_KEYS if key in states[0]}
                 h_k = torch.stack([reduced[layer.name][0] for layer in batch])
                 h_c = torch.stack([reduced[layer.name][1] for layer in batch])
+            h_k, h_c = self._projected(batch[0], h_k, h_c, state)
             steps.append((batch, state, *self._factor_steps(batch[0], h_k, h_c, state)))
         clipped = self._bound_factor_steps(steps)
         for batch, state, steps_k_c, new_state in steps:
@@ -648,7 +679,7 @@ class SINGD(KroneckerOptimizer):
 
     def _batching(self, layers: list[KroneckerLayer]) -> bool:
         """Whether to batch same-shaped layers (``batch_layers``; None: on CUDA)."""
-        batch = self.__dict__.get("batch_layers")  # unpickled from before the option: None
+        batch = self.batch_layers
         return batch if batch is not None else layers[0].weight.device.type == "cuda"
 
     def _stacked_outer_forms(self, key: tuple, layers: list[KroneckerLayer]) -> tuple:

@@ -157,6 +157,25 @@ class Structure(ABC):
         max_bytes = max(rows.chunk_bytes, self.numel * rows.dtype.itemsize)
         return rows.reduce(lambda x: self.project_gram(data, x), max_bytes)
 
+    def gram_statistic(self, rows) -> Tensor | None:
+        """A flat statistic of ``X`` (:class:`Rows`, as for :meth:`project_gram_rows`),
+        linear in ``X Xᵀ`` and independent of any factor, from which
+        :meth:`project_gram_statistic` gives ``Π(Sᵀ X Xᵀ S)`` for any ``S``: sums
+        of it over passes and ranks project as the sum of the projections, so
+        the projection can wait for the factor update and run there for a batch
+        of layers at once. None (the default) where the structure has no such
+        statistic smaller than its route through ``S`` (Toeplitz, triangular)."""
+        return None
+
+    def gram_statistic_numel(self) -> int | None:
+        """The size of :meth:`gram_statistic`, or None where there is none."""
+        return None
+
+    def project_gram_statistic(self, data: Tensor, statistic: Tensor) -> Tensor:
+        """``Π(Sᵀ X Xᵀ S)`` from ``statistic = gram_statistic(X)`` (both may have
+        the same leading batch dimensions)."""
+        raise NotImplementedError(f"{type(self).__name__} has no gram statistic.")
+
     def average_trace(self, data: Tensor) -> Tensor:
         """``trace(S) / dim``, shape ``(*batch,)``."""
         return self.diagonal(data).mean(dim=-1)

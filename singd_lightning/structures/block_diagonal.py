@@ -138,6 +138,17 @@ class BlockDiagonal(Structure):
             return self._pack(blocks.mT @ gram_blocks @ blocks, last.mT @ gram_last @ last)
         return super().project_gram_rows(data, rows)
 
+    def gram_statistic(self, rows) -> Tensor:
+        return rows.reduce(self.project_outer, max(rows.chunk_bytes, self.numel * rows.dtype.itemsize))  # X Xᵀ's blocks
+
+    def gram_statistic_numel(self) -> int:
+        return self.numel
+
+    def project_gram_statistic(self, data: Tensor, statistic: Tensor) -> Tensor:
+        blocks, last = self._blocks(data)
+        gram_blocks, gram_last = self._blocks(statistic.to(data.dtype))
+        return self._pack(blocks.mT @ gram_blocks @ blocks, last.mT @ gram_last @ last)
+
     def project_self_gram(self, data: Tensor) -> Tensor:
         blocks, last = self._blocks(data)
         return self._pack(blocks.mT @ blocks, last.mT @ last)

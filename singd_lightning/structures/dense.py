@@ -53,6 +53,16 @@ class Dense(Structure):
             return symmetric_matmul(mat.mT @ rows.gram(), mat).flatten(-2)
         return super().project_gram_rows(data, rows)
 
+    def gram_statistic(self, rows) -> Tensor:
+        return rows.gram().flatten(-2)  # X Xᵀ
+
+    def gram_statistic_numel(self) -> int:
+        return self.numel
+
+    def project_gram_statistic(self, data: Tensor, statistic: Tensor) -> Tensor:
+        mat = self._mat(data)
+        return symmetric_matmul(mat.mT @ statistic.to(mat.dtype).unflatten(-1, (self.dim, self.dim)), mat).flatten(-2)
+
     def project_self_gram(self, data: Tensor) -> Tensor:
         mat = self._mat(data)
         return symmetric_matmul(mat.mT, mat).flatten(-2)

@@ -48,6 +48,15 @@ class Diagonal(Structure):
         # Only diag(X Xᵀ) is needed: for a convolution that skips im2col entirely.
         return rows.square_sums().to(data.dtype).mul_(data.square())
 
+    def gram_statistic(self, rows) -> Tensor:
+        return rows.square_sums()  # diag(X Xᵀ)
+
+    def gram_statistic_numel(self) -> int:
+        return self.dim
+
+    def project_gram_statistic(self, data: Tensor, statistic: Tensor) -> Tensor:
+        return statistic.to(data.dtype).mul_(data.square())
+
     def project_self_gram(self, data: Tensor) -> Tensor:
         return data.square()
 

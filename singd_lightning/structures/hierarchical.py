@@ -201,10 +201,28 @@ class Hierarchical(Structure):
         return self._project_gram_from(data, border @ x.mT, x2.square().sum(dim=-1))
 
     def project_gram_rows(self, data: Tensor, rows) -> Tensor:
+        px, mid_square_sums = self._gram_parts(rows)
+        return self._project_gram_from(data, px.to(data.dtype), mid_square_sums.to(data.dtype))
+
+    def _gram_parts(self, rows) -> tuple[Tensor, Tensor]:
+        """``P Xᵀ`` (``k × d``, ``P`` the border rows of ``X``) and the middle rows'
+        sums of squares (``m``): all :meth:`_project_gram_from` reads of ``X``."""
         mid = self.n1 + self.m
         border = torch.cat([torch.arange(self.n1), torch.arange(mid, self.dim)])
-        px = rows.cross(border).to(data.dtype)
-        return self._project_gram_from(data, px, rows.square_sums()[..., self.n1 : mid].to(data.dtype))
+        return rows.cross(border), rows.square_sums()[..., self.n1 : mid]
+
+    def gram_statistic(self, rows) -> Tensor:
+        px, mid_square_sums = self._gram_parts(rows)  # (see _gram_parts), flat
+        return torch.cat([px.flatten(-2), mid_square_sums.to(px.dtype)], dim=-1)
+
+    def gram_statistic_numel(self) -> int:
+        return (self.n1 + self.n2) * self.dim + self.m
+
+    def project_gram_statistic(self, data: Tensor, statistic: Tensor) -> Tensor:
+        k = self.n1 + self.n2
+        statistic = statistic.to(data.dtype)
+        px = statistic[..., : k * self.dim].unflatten(-1, (k, self.dim))
+        return self._project_gram_from(data, px, statistic[..., k * self.dim :])
 
     def _project_gram_from(self, data: Tensor, px: Tensor, mid_square_sums: Tensor) -> Tensor:
         """Π(Sᵀ x xᵀ S) from two small statistics of ``x``, never forming ``Sᵀ x``.

@@ -334,3 +334,37 @@ def test_stacked_gradient_matrices_are_the_layers_own():
     stacked = KroneckerLayer.stacked_gradient_matrices(layers)
     assert torch.equal(stacked, torch.stack([layer.gradient_matrix() for layer in layers]))
     assert torch.equal(stacked[1, :, -1], torch.zeros(8))
+
+
+def test_batch_layers_changes_only_between_steps():
+    model = Blocks()
+    optimizer = _optimizer(model, "hierarchical", False)
+    _train(model, optimizer, steps=1)
+    tokens, image = torch.randint(0, 10, (4, 5)), torch.randn(4, 2, 4, 4)
+    nn.functional.cross_entropy(model(tokens, image), torch.randint(0, 3, (4,))).backward()
+    with pytest.raises(ValueError, match="batch_layers cannot change between a backward pass and its step"):
+        optimizer.batch_layers = True
+    assert optimizer.batch_layers is False
+    optimizer.step()  # (projected per pass, as collected)
+    optimizer.batch_layers = True
+    _train(model, optimizer, steps=2)  # now deferred and batched
+    assert optimizer.skipped_steps == 0
+    with pytest.raises(ValueError, match="batch_layers must be None, True or False"):
+        optimizer.batch_layers = "yes"
+
+
+def test_batched_statistics_are_projected_at_the_update(monkeypatch):
+    """With batch_layers the hooks collect gram statistics and each batch's
+    projection is one call; without, every pass projects."""
+    calls = []
+    cls = REGISTRY["hierarchical"]
+    original = cls._project_gram_from
+    monkeypatch.setattr(cls, "_project_gram_from", lambda self, data, px, sq: calls.append(data.ndim) or original(
+        self, data, px, sq))
+    for batch, expected in ((False, [1] * 2 * 8), (True, sorted([2] * 2 * 3 + [1] * 2))):
+        calls.clear()
+        model = Blocks()
+        _train(model, _optimizer(model, "hierarchical", batch), steps=1)
+        # 8 layers × 2 factors one by one; or the 3 batches (embeddings, convolutions,
+        # 8 → 8 linear layers) stacked and the head alone
+        assert sorted(calls) == expected

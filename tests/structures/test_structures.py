@@ -263,6 +263,29 @@ def test_project_gram_rows_over_column_chunks(name, opts, dim):
         close(layout.to_dense(layout.project_gram_rows(data, column_rows(x, 2))), expected)
 
 
+@pytest.mark.parametrize("name,opts,dim", FEW_CASES)
+def test_gram_statistic_projects_sums_and_batches(name, opts, dim):
+    """Where a structure has a gram statistic: its size is as stated, the sum of
+    two batches' statistics projects to the sum of their projections (the dense
+    reference), and stacked factors and statistics project row by row."""
+    layout = make(name, opts, dim)
+    x1, x2 = torch.randn(dim, 5, dtype=F64), torch.randn(dim, 2 * dim + 3, dtype=F64)
+    statistic = layout.gram_statistic(column_rows(x1, 2))
+    if statistic is None:
+        assert layout.gram_statistic_numel() is None
+        with pytest.raises(NotImplementedError):
+            layout.project_gram_statistic(rand_data(layout), torch.zeros(1, dtype=F64))
+        return
+    assert statistic.shape == (layout.gram_statistic_numel(),)
+    total = statistic + layout.gram_statistic(column_rows(x2, 3))
+    data = torch.stack([rand_data(layout), rand_data(layout)])
+    projected = layout.project_gram_statistic(data, torch.stack([total, 2 * total]))
+    for row, factor in ((0, 1.0), (1, 2.0)):
+        mat = layout.to_dense(data[row])
+        expected = factor * ref_project(layout, mat.T @ (x1 @ x1.T + x2 @ x2.T) @ mat)
+        close(layout.to_dense(projected[row]), expected)
+
+
 @pytest.mark.parametrize("fft_cost", [0.0, 1e12], ids=["fft", "dense"])
 @pytest.mark.parametrize("name", sorted(TOEPLITZ))
 @pytest.mark.parametrize("dim", [1, 2, 7, 33])
