@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"({r['adamw_operations']}) | {r['layer_by_layer_update_ms']:.1f} → {r['batched_update_ms']:.1f} "
                   f"({r['adamw_update_ms']:.1f}) | {r['layer_by_layer_update_operations']} → "
                   f"{r['batched_update_operations']} ({r['adamw_update_operations']}) "
-                  f"| {r['batched_backward_operations']} ({r['adamw_backward_operations']}) |")
+                  f"| {r['layer_by_layer_backward_operations']} → {r['batched_backward_operations']} "
+                  f"({r['adamw_backward_operations']}) |")
     if args.json:
         environment = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
                        "torch": torch.__version__, "dtype": args.dtype, "threads": args.threads,

@@ -310,13 +310,15 @@ def markdown(summary: dict) -> str:
                   f"({r['prestacked_speedup']:.2f}×) |" for r in batching["totals"]]
         lines += ["", "Whole `optimizer.step()`, `batch_layers` off → on (AdamW's), and the operations (kernel "
                   "launches) it dispatches:", "",
-                  "| model | structure | between updates: ms | operations | at an update: ms | operations |",
-                  "|---|---|---|---|---|---|"]
+                  "| model | structure | between updates: ms | operations | at an update: ms | operations "
+                  "| backward operations |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['structure']} | {r['layer_by_layer_ms']:.2f} → {r['batched_ms']:.2f} "
                   f"({r['adamw_ms']:.2f}) | {r['layer_by_layer_operations']} → {r['batched_operations']} "
                   f"({r['adamw_operations']}) | {r['layer_by_layer_update_ms']:.1f} → {r['batched_update_ms']:.1f} "
                   f"({r['adamw_update_ms']:.1f}) | {r['layer_by_layer_update_operations']} → "
-                  f"{r['batched_update_operations']} ({r['adamw_update_operations']}) |" for r in batching["steps"]]
+                  f"{r['batched_update_operations']} ({r['adamw_update_operations']}) "
+                  f"| {r['layer_by_layer_backward_operations']} → {r['batched_backward_operations']} "
+                  f"({r['adamw_backward_operations']}) |" for r in batching["steps"]]
         lines.append("")
     bench = stages.get("benchmark")
     if bench:

@@ -80,6 +80,7 @@ def test_writes_every_group_and_way(tmp_path, capsys):
         # batching removes operations, at updates more than between them
         assert r["batched_operations"] < r["layer_by_layer_operations"]
         assert r["batched_update_operations"] < r["layer_by_layer_update_operations"]
+        assert r["batched_backward_operations"] < r["layer_by_layer_backward_operations"]
     printed = capsys.readouterr().out
     assert "| tiny | hierarchical | precondition |" in printed and "Whole optimizer.step()" in printed
     assert torch.get_num_threads() == 1  # (restored by the fixture)
