@@ -99,11 +99,12 @@ SINGD_CASES = [  # (structure, options, T)
 ]
 
 
+@pytest.mark.parametrize("batch_layers", [False, True])  # (the hidden convolutions: one batch)
 @pytest.mark.parametrize("name,options,T", SINGD_CASES, ids=[f"{c[0]}-T{c[2]}" for c in SINGD_CASES])
-def test_singd_syncs_per_step_do_not_grow_with_layers(name, options, T):
+def test_singd_syncs_per_step_do_not_grow_with_layers(name, options, T, batch_layers):
     def make(model):
         spec = {"name": name, **options}
-        return SINGD(model, lr=1e-2, T=T, structures=(spec, spec), update_clip=10.0)
+        return SINGD(model, lr=1e-2, T=T, structures=(spec, spec), update_clip=10.0, batch_layers=batch_layers)
 
     steps = 3 if T == 3 else 2
     shallow, deep = _syncs_per_step(make, 1, steps), _syncs_per_step(make, 4, steps)
