@@ -152,14 +152,16 @@ class SINGD(KroneckerOptimizer):
             bounds the step's second-order KL divergence (default
             :data:`KL_CLIP`); None: off, the paper's update.
         preconditioner_dtype: ``(K's, C's)`` dtype; None means the weight's dtype.
-        batch_layers: Precondition the layers whose factors have the same
-            structures, shapes and dtypes (a transformer's repeated blocks) in one
-            batched call per group instead of one call per layer: the same
-            arithmetic in fewer, larger operations (results equal up to rounding).
-            None (default): on CUDA, where every small operation is a kernel
-            launch; not on the CPU, where stacking the gradients costs more than
-            it saves for diagonal and block-diagonal factors
-            (``scripts/batch_layers.py``).
+        batch_layers: Treat the layers of one parameter group whose factors have
+            the same structures, shapes and dtypes (a transformer's repeated
+            blocks) as one batch: their statistics projected, factors updated,
+            gradients preconditioned and updates guarded by one batched call each
+            instead of one call per layer; the same arithmetic in a few times
+            fewer operations (results equal up to rounding). None (default): on
+            CUDA, where every small operation is a kernel launch; on the CPU,
+            where it changes a training step by a few per cent either way, layer
+            by layer, holding one layer's gradient copy at a time
+            (``scripts/batch_layers.py``). It may change between steps.
         **kwargs: Fallback and loss-scaler options of
             :class:`~singd_lightning.optim.base.KroneckerOptimizer`.
 
