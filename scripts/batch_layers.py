@@ -31,6 +31,10 @@ routes for launch-bound devices: the multi-tensor finiteness checks, batched
 inner products). The statistics the backward hooks collect are not in these
 steps: they are projected layer by layer as the gradients arrive.
 
+And whole training steps (``--train-step``: forward, backward and step of each
+configuration in turn) with ``batch_layers`` off and on at ``T`` = 1 and 10, over
+AdamW's.
+
 The batched results are compared with the one-by-one results (a batched call
 must compute the same thing, up to rounding): the script exits with status 1,
 after writing its numbers, if any differ by more than :data:`TOLERANCE`. Example::
@@ -296,6 +300,39 @@ def step_times(model_name: str, structure: str, batch_size: int, repeats: int, w
                                             / statistics.median(update_ms["batched"]), 3)}
 
 
+def train_step_times(model_name: str, structures: Sequence[str], batch_size: int, rounds: int, warmup: int,
+                     device: torch.device, seed: int = 0) -> list[dict]:
+    """Whole training steps (forward, backward, ``optimizer.step()``) with
+    ``batch_layers`` off and on at ``T`` = 1 and 10, over AdamW's step of the same
+    (all configurations stepping in turn, the order rotating every round; ratios
+    of the medians over ``rounds``): one row per (structure, T)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, 3, 32, 32, generator=generator).to(device)
+    y = torch.randint(0, 100, (batch_size,), generator=generator).to(device)
+    configs: dict[tuple, tuple] = {}
+    for key in [("adamw", 0, None)] + [(s, T, batch) for s in structures for T in (1, 10) for batch in (False, True)]:
+        torch.manual_seed(seed)
+        model = build_model(model_name).to(device)
+        structure, T, batch = key
+        optimizer = (torch.optim.AdamW(model.parameters(), lr=1e-3) if structure == "adamw" else
+                     SINGD(model, lr=1e-3, T=T, structures=(structure, structure), batch_layers=batch))
+        configs[key] = (model, optimizer)
+
+    def train_step(key: tuple) -> None:
+        model, optimizer = configs[key]
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    # (T = 10: every configuration steps the same number of times, so a round's
+    # steps are spread over the cycle of ten alike.)
+    ms = time_ways({key: (lambda key=key: train_step(key)) for key in configs}, rounds, warmup, device)
+    adamw = ms[("adamw", 0, None)]
+    return [{"model": model_name, "structure": s, "T": T, "batch_size": batch_size,
+             "off_x_adamw": round(ms[(s, T, False)] / adamw, 3), "on_x_adamw": round(ms[(s, T, True)] / adamw, 3),
+             "on_over_off": round(ms[(s, T, True)] / ms[(s, T, False)], 3)} for s in structures for T in (1, 10)]
+
+
 def totals(rows: list[dict]) -> list[dict]:
     """Per (model, structure, operation): the milliseconds of all groups summed."""
     out: dict[tuple, dict] = {}
@@ -337,10 +374,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: a busy 2-core machine)")
     parser.add_argument("--step", action="store_true",
                         help="also time the whole optimizer.step() between updates, batch_layers off and on")
+    parser.add_argument("--train-step", action="store_true",
+                        help="also time whole training steps with batch_layers off and on, over AdamW's")
+    parser.add_argument("--rounds", type=int, default=20, help="rounds of --train-step")
     parser.add_argument("--no-operations", action="store_true",
                         help="skip the per-operation timings (with --step: only the whole step)")
     parser.add_argument("--batch-size", type=int, default=64, help="of the one training step before --step")
-    parser.add_argument("--json", type=Path, help="write {environment, groups, totals, steps} here")
+    parser.add_argument("--json", type=Path, help="write {environment, groups, totals, steps, train_steps} here")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
@@ -348,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--columns, --repeats, --threads and --batch-size must be >= 1, --warmup >= 0")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if args.no_operations and not args.step:
-        parser.error("--no-operations leaves nothing to measure without --step")
+    if args.no_operations and not (args.step or args.train_step):
+        parser.error("--no-operations leaves nothing to measure without --step or --train-step")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     rows = []
     for model in args.models if not args.no_operations else []:
         rows += measure(model, args.structures, args.columns, args.repeats, args.warmup, device, DTYPES[args.dtype])
@@ -373,12 +415,21 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['batched_update_operations']} ({r['adamw_update_operations']}) "
                   f"| {r['layer_by_layer_backward_operations']} → {r['batched_backward_operations']} "
                   f"({r['adamw_backward_operations']}) |")
+    train_steps = [row for model in args.models for row in train_step_times(
+        model, args.structures, args.batch_size, args.rounds, args.warmup, device)] if args.train_step else []
+    if train_steps:
+        print("\nWhole training steps over AdamW's, batch_layers off → on (ratios of medians):\n")
+        print("| model | structure | T | off ×AdamW | on ×AdamW | on / off |")
+        print("|---|---|---|---|---|---|")
+        for r in train_steps:
+            print(f"| {r['model']} | {r['structure']} | {r['T']} | {r['off_x_adamw']:.3f} | {r['on_x_adamw']:.3f} "
+                  f"| {r['on_over_off']:.3f} |")
     if args.json:
         environment = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
                        "torch": torch.__version__, "dtype": args.dtype, "threads": args.threads,
                        "columns": args.columns, "repeats": args.repeats}
         args.json.write_text(json.dumps({"environment": environment, "groups": rows, "totals": summed,
-                                          "steps": steps}, indent=1))
+                                          "steps": steps, "train_steps": train_steps}, indent=1))
     differing = [r for r in rows if not r["same"]]
     for r in differing:
         print(f"DIFFERENT {r['model']} {r['structure']} {r['operation']} {r['d_C']}x{r['d_K']}: batched results "

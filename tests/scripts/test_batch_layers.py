@@ -86,6 +86,17 @@ def test_writes_every_group_and_way(tmp_path, capsys):
     assert torch.get_num_threads() == 1  # (restored by the fixture)
 
 
+def test_train_steps_are_timed_both_ways(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    assert batch_layers.main(["--models", "tiny", "--no-operations", "--train-step", "--rounds", "2", "--warmup", "0",
+                              "--batch-size", "2", "--structures", "hierarchical", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["train_steps"]
+    assert [(r["structure"], r["T"]) for r in rows] == [("hierarchical", 1), ("hierarchical", 10)]
+    for r in rows:
+        assert r["off_x_adamw"] > 0 and r["on_over_off"] == pytest.approx(r["on_x_adamw"] / r["off_x_adamw"], rel=1e-2)
+    assert "Whole training steps over AdamW's" in capsys.readouterr().out
+
+
 def test_a_batched_call_that_differs_fails_the_script(monkeypatch, capsys):
     original = batch_layers.operation_calls
 
