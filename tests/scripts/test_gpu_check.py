@@ -50,6 +50,8 @@ def test_dry_run_writes_every_stage(dry_run):
     assert {r["operation"] for r in batching["totals"]} == {"precondition", "statistic", "factor_product"}
     assert all(r["same"] for r in batching["groups"])
     assert {r["structure"] for r in batching["steps"]} == {"diagonal", "block_diagonal", "hierarchical"}
+    assert {(r["structure"], r["T"]) for r in batching["train_steps"]} == {
+        (s, T) for s in ("diagonal", "block_diagonal", "hierarchical") for T in (1, 10)}
     assert "## Same-shaped layers" in (out / "summary.md").read_text()
     calibration = json.loads((out / "toeplitz.json").read_text())
     assert [r["d"] for r in calibration] == [64, 256]
