@@ -47,6 +47,10 @@ CONFIGS = {
     "diagonal_kl": (SINGD, dict(lr=0.05, T=1, structures="diagonal", kl_clip=1e-4)),
     "toeplitz_T1": (SINGD, dict(lr=0.05, T=1, structures="tril_toeplitz", fallback="sgd")),
     "ikfac_T2": (SINGD, dict(lr=0.05, T=2, structures="block_diagonal", kfac_like=True)),
+    # Same-shaped layers in batches, statistics projected at the update.
+    "hierarchical_T2_batched": (SINGD, dict(lr=0.05, T=2, structures="hierarchical", alpha1=0.3, batch_layers=True)),
+    "diagonal_kl_batched": (SINGD, dict(lr=0.05, T=1, structures="diagonal", kl_clip=1e-4, batch_layers=True)),
+    "dense_T1_batched": (SINGD, dict(lr=0.05, T=1, structures="dense", batch_layers=True)),
     "kfac_T1": (KFAC, dict(lr=0.05, T=1, damping=1e-2)),
     "kfac_T2": (KFAC, dict(lr=0.05, T=2, damping=1e-2, kl_clip=1e-3)),
 }
@@ -56,6 +60,7 @@ def _model(width: int = 9) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, width), nn.LayerNorm(width),
+        nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),  # (a batch with batch_layers)
         nn.Linear(width, 5, bias=False),
     ).double()
 
@@ -210,6 +215,13 @@ def _worker(rank: int, store: str, out: str) -> None:
                 _train(model, optimizer, range(STEPS), rank, WORLD)
                 ddp[cls.__name__, mode] = {"params": _full(model.module), "bytes": optimizer_state_bytes(optimizer),
                                            "factors": {n: s[key].clone() for n, s in optimizer.layer_state.items()}}
+        for batch in (False, True):  # batches of the owned layers, statistics projected by their owners
+            model = nn.parallel.DistributedDataParallel(_model())
+            optimizer = SINGD(model, lr=0.05, T=1, structures="hierarchical", distributed_work=batch,
+                              batch_layers=batch)
+            _train(model, optimizer, range(STEPS), rank, WORLD)
+            ddp["SINGD hierarchical", batch] = {"params": _full(model.module),
+                                                "factors": {n: s["K"].clone() for n, s in optimizer.layer_state.items()}}
         results["ddp"] = ddp
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
@@ -337,6 +349,14 @@ def test_distributed_work_under_ddp_equals_replicated_work(ranks, method):
         for key, value in replicated["factors"].items():
             torch.testing.assert_close(distributed["factors"][key], value, rtol=1e-12, atol=1e-14)
         assert distributed["bytes"] < replicated["bytes"]
+
+
+def test_batched_distributed_work_under_ddp_equals_replicated_layer_by_layer_work(ranks):
+    for rank in ranks:
+        replicated, batched = rank["ddp"]["SINGD hierarchical", False], rank["ddp"]["SINGD hierarchical", True]
+        _assert_close(batched["params"], replicated["params"])
+        for key, value in replicated["factors"].items():
+            torch.testing.assert_close(batched["factors"][key], value, rtol=1e-12, atol=1e-14)
 
 
 def test_sharded_embedding_equals_one_process(ranks):
