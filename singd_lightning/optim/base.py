@@ -188,8 +188,9 @@ def non_finite(tensors: list[Tensor]) -> bool:
 
 def _finite_and_count(tensors: list[Tensor], flags: list[Tensor]) -> tuple[bool, int]:
     """Whether every tensor is finite, and how many of the 0-dim bool ``flags``
-    are set: one device-to-host copy per device for both. On CUDA the tensors
-    are checked by multi-tensor kernels (:func:`_all_finite_foreach`)."""
+    are set: one device-to-host copy per device for both. On
+    :data:`LAUNCH_BOUND_DEVICES` the tensors are checked by multi-tensor kernels
+    (:func:`_all_finite_foreach`)."""
     by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
     multi_tensor: dict[torch.device, list[Tensor]] = {}
     for t in tensors:

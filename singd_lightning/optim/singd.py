@@ -576,7 +576,7 @@ class SINGD(KroneckerOptimizer):
             m_k = h_k.add_(ktk, alpha=damping)
             m_c = h_c.add_(ctc, alpha=damping)
         else:
-            # τ(·) are 0-dim tensors: no host synchronisation.
+            # τ(·) are tensors (0-dim, or one per row of a batch): no host synchronisation.
             tr_hk, tr_hc = layout_k.average_trace(h_k), layout_c.average_trace(h_c)
             tr_ktk, tr_ctc = layout_k.average_trace(ktk), layout_c.average_trace(ctc)
             m_k = h_k.mul_(_per_row(tr_hc.to(h_k.dtype))).addcmul_(ktk, _per_row((damping * tr_ctc).to(ktk.dtype)))
@@ -686,9 +686,9 @@ class SINGD(KroneckerOptimizer):
 
     def _stacked_outer_forms(self, key: tuple, layers: list[KroneckerLayer]) -> tuple:
         """The outer forms of the factors of ``layers`` (one batch of
-        :meth:`_layer_batches`, ``key`` its :meth:`_batch_key`) stacked along a new first dimension, computed by
-        one batched call per factor; kept between updates as
-        :meth:`_outer_forms` keeps a layer's own."""
+        :meth:`_layer_batches`, ``key`` its :meth:`_batch_key`) stacked along a new
+        first dimension, computed by one batched call per factor; kept between
+        updates as :meth:`_outer_forms` keeps a layer's own."""
         layout_k, layout_c = key[:2]
         factors = [(self.layer_state[layer.name]["K"], self.layer_state[layer.name]["C"]) for layer in layers]
         keep = all(layer.group["T"] > 1 for layer in layers) and not any(
