@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from benchmark import MODELS, build_model  # noqa: E402
 
 from singd_lightning import SINGD  # noqa: E402
-from singd_lightning.optim import base  # noqa: E402
+from singd_lightning.optim import reductions  # noqa: E402
 from singd_lightning.structures import Structure  # noqa: E402
 
 OPERATIONS = ("precondition", "statistic", "factor_product")
@@ -257,15 +257,15 @@ def step_times(model_name: str, structure: str, batch_size: int, repeats: int, w
         optimizers[way].zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
 
-    saved = base.LAUNCH_BOUND_DEVICES
+    saved = reductions.LAUNCH_BOUND_DEVICES
 
     def count(way: str) -> int:
-        base.LAUNCH_BOUND_DEVICES = saved | {device.type}  # counted as on CUDA, on any device
+        reductions.LAUNCH_BOUND_DEVICES = saved | {device.type}  # counted as on CUDA, on any device
         try:
             with OperationCounter() as counter:
                 optimizers[way].step()
         finally:
-            base.LAUNCH_BOUND_DEVICES = saved
+            reductions.LAUNCH_BOUND_DEVICES = saved
         return counter.count
 
     # At factor updates (T = 1): every step collects, updates and preconditions.

@@ -33,6 +33,14 @@ from singd_lightning.optim.checkpoint import CALLABLE_PLACEHOLDER, checked_state
 from singd_lightning.optim.distributed import is_sharded, local, make_distributor, shard_like
 from singd_lightning.optim.fallback import FALLBACK_STEPS, momentum_step
 from singd_lightning.optim.kl_clip import kl_clip_scale
+from singd_lightning.optim.reductions import (
+    all_finite,
+    finite_and_count,
+    finite_per_entry,
+    inner,
+    inner_rows,
+    non_finite,
+)
 from singd_lightning.optim.hyperparameters import (
     check_grad_scaler,
     check_range,
@@ -84,132 +92,10 @@ def _world_size() -> int:
     return 1
 
 
-def _all_finite(t: Tensor) -> Tensor:
-    """Whether ``t`` holds no inf or NaN, as a 0-dim bool tensor (no host sync):
-    its extremes are finite (one pass, no temporary of ``t``'s size)."""
-    if t.numel() == 0:
-        return torch.ones((), dtype=torch.bool, device=t.device)
-    return torch.isfinite(torch.stack(torch.aminmax(t))).all()
-
-
-#: Device types where a step's many small operations cost their launches more than
-#: their work: there the step's finiteness check uses multi-tensor kernels
-#: (:func:`_all_finite_foreach`) and a batch's inner products one batched product
-#: (:func:`_inner_rows`); elsewhere (the CPU) the faster per-tensor routes.
-LAUNCH_BOUND_DEVICES = frozenset({"cuda"})
-
-
-def _all_finite_foreach(tensors: list[Tensor]) -> Tensor:
-    """Whether all ``tensors`` are finite, as one 0-dim bool tensor, from their
-    infinity norms (``max |x|``: NaN if any entry is NaN, inf if any is ±inf; it
-    cannot overflow) taken by multi-tensor kernels, one set per dtype: a few
-    kernel launches for all tensors where :func:`_all_finite` takes four per
-    tensor. For CUDA; on the CPU the infinity norm is several times slower than
-    ``aminmax``."""
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors:
-        if t.numel():  # (the infinity norm of nothing is undefined; nothing is finite)
-            by_dtype.setdefault(t.dtype, []).append(t)
-    if not by_dtype:
-        return torch.ones((), dtype=torch.bool, device=tensors[0].device if tensors else None)
-    checks = [torch.stack(torch._foreach_norm(group, float("inf"))).isfinite().all() for group in by_dtype.values()]
-    return checks[0] if len(checks) == 1 else torch.stack(checks).all()
-
-
-def _finite_per_entry(entries: list[list[Tensor]]) -> Tensor:
-    """Whether all tensors of each entry are finite: a bool tensor, one value per
-    entry. On :data:`LAUNCH_BOUND_DEVICES` from the multi-tensor infinity norms
-    of all tensors at once, summed per entry (a few kernels for any number of
-    entries); elsewhere four operations per tensor (:func:`_all_finite`)."""
-    device = entries[0][0].device
-    if device.type not in LAUNCH_BOUND_DEVICES:
-        return torch.stack([torch.stack([_all_finite(t) for t in entry]).all() for entry in entries])
-    flat = [t for entry in entries for t in entry]
-    norms: list[Tensor | None] = [None] * len(flat)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(flat):
-        if t.numel():  # (nothing is finite)
-            by_dtype.setdefault(t.dtype, []).append(i)
-    for dtype, indices in by_dtype.items():
-        results = torch._foreach_norm([flat[i] for i in indices], float("inf"),
-                                      dtype=torch.promote_types(dtype, torch.float32))
-        for i, norm in zip(indices, results):
-            norms[i] = norm
-    # A rectangle (entries × their most tensors), padded with zeros: no index
-    # tensor to copy to the device.
-    zero = torch.zeros((), dtype=torch.float32, device=device)
-    width, grid, offset = max(len(entry) for entry in entries), [], 0
-    for entry in entries:
-        row = [norm if norm is not None else zero for norm in norms[offset:offset + len(entry)]]
-        grid += row + [zero] * (width - len(entry))
-        offset += len(entry)
-    # 0 · norm: 0 where finite, NaN where not; any NaN makes its entry's sum NaN.
-    return torch.isfinite(torch.stack(grid).view(len(entries), width).mul(0.0).sum(dim=1))
-
-
-def _inner(a: Tensor, b: Tensor) -> Tensor:
-    """``Σ a ⊙ b`` in at least float32, 0-dim: on the CPU one BLAS dot product
-    without a temporary when both are contiguous float32 tensors (a
-    preconditioned gradient and its gradient), else through the elementwise
-    product."""
-    if a.dtype == b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous() and a.device.type == "cpu":
-        return torch.dot(a.view(-1), b.view(-1))
-    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-    return (a.to(dtype) * b.to(dtype)).sum()
-
-
-def _inner_rows(a: Tensor, b: Tensor) -> Tensor:
-    """``Σ a[l] ⊙ b[l]`` for each ``l`` of the first dimension, ``(L,)``, in at least
-    float32, without a temporary of ``a``'s size: one batched product on a GPU
-    (:data:`LAUNCH_BOUND_DEVICES`); on the CPU, where that product runs several
-    times slower than BLAS dot products, one :func:`_inner` per ``l``."""
-    if a.device.type in LAUNCH_BOUND_DEVICES:
-        return _batched_inner(a, b)
-    return torch.stack([_inner(x, y) for x, y in zip(a, b)])
-
-
-def _batched_inner(a: Tensor, b: Tensor) -> Tensor:
-    """:func:`_inner_rows` as one batched product ``(L, 1, n) @ (L, n, 1)``."""
-    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-    a, b = a.to(dtype).flatten(1), b.to(dtype).flatten(1)
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
-
-
 def _weighted_copy(t: Tensor, dtype: torch.dtype, weight: float) -> Tensor:
     """``weight · t`` as a new tensor of ``dtype`` (one pass when ``weight`` is 1)."""
     out = t.to(dtype, copy=True)
     return out if weight == 1.0 else out.mul_(weight)
-
-
-def non_finite(tensors: list[Tensor]) -> bool:
-    """Whether any tensor holds an inf or NaN (one synchronisation per device)."""
-    return not _finite_and_count(tensors, [])[0]
-
-
-def _finite_and_count(tensors: list[Tensor], flags: list[Tensor]) -> tuple[bool, int]:
-    """Whether every tensor is finite, and how many of the 0-dim bool ``flags``
-    are set: one device-to-host copy per device for both. On
-    :data:`LAUNCH_BOUND_DEVICES` the tensors are checked by multi-tensor kernels
-    (:func:`_all_finite_foreach`)."""
-    by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
-    multi_tensor: dict[torch.device, list[Tensor]] = {}
-    for t in tensors:
-        if t.device.type in LAUNCH_BOUND_DEVICES:
-            multi_tensor.setdefault(t.device, []).append(t)
-        else:
-            by_device.setdefault(t.device, ([], []))[0].append(_all_finite(t))
-    for device, group in multi_tensor.items():
-        by_device.setdefault(device, ([], []))[0].append(_all_finite_foreach(group))
-    for f in flags:  # (0-dim, or one per layer of a batch)
-        by_device.setdefault(f.device, ([], []))[1].append(f.reshape(-1).to(torch.int64))
-    finite, count = True, 0
-    for checks, counts in by_device.values():
-        ok = torch.stack(checks).all().to(torch.int64) if checks else torch.ones((), dtype=torch.int64)
-        total = torch.cat(counts).sum() if counts else torch.zeros((), dtype=torch.int64)
-        ok_host, total_host = torch.stack([ok.to(total.device), total]).tolist()
-        finite = finite and bool(ok_host)
-        count += int(total_host)
-    return finite, count
 
 
 class KroneckerOptimizer(Optimizer):
@@ -618,7 +504,7 @@ class KroneckerOptimizer(Optimizer):
         pieces.append(torch.tensor(counts, dtype=dtype, device=device))
         flat = torch.cat(pieces)
         dist.all_reduce(flat)
-        *totals, finite = torch.cat([flat[-len(counts):], _all_finite(flat).to(dtype).reshape(1)]).tolist()
+        *totals, finite = torch.cat([flat[-len(counts):], all_finite(flat).to(dtype).reshape(1)]).tolist()
         if not finite:
             return None
         out, offset = {}, 0
@@ -702,7 +588,7 @@ class KroneckerOptimizer(Optimizer):
             else:
                 plans.append((group, params, None))
                 checked += [p.grad for p in params]
-        finite, clipped = _finite_and_count([local(t) for t in checked], clip_flags)
+        finite, clipped = finite_and_count([local(t) for t in checked], clip_flags)
         if self._distributor is not None and self._distributor.sharded:
             finite, clipped = self._distributor.agree(finite, clipped, local(self.layers[0].weight).device)
         if not finite:
@@ -787,7 +673,7 @@ class KroneckerOptimizer(Optimizer):
         if updates:
             # One synchronisation decides which updates are valid; invalid ones
             # (overflow in low precision) leave that layer's state untouched.
-            finite = _finite_per_entry([list(new_state.values()) for _, new_state in updates]).tolist()
+            finite = finite_per_entry([list(new_state.values()) for _, new_state in updates]).tolist()
             for (layer, new_state), ok in zip(updates, finite):
                 state = self.layer_state[layer.name]
                 if not ok:
@@ -849,7 +735,7 @@ class KroneckerOptimizer(Optimizer):
                 if len(layers) == 1:
                     terms.append(self._kl_term(layers[0], naturals[0], grads[0]))
                 else:
-                    terms.append(_inner_rows(naturals, grads).sum() * group["lr"] ** 2)
+                    terms.append(inner_rows(naturals, grads).sum() * group["lr"] ** 2)
                 # One scaling of the batch where the updates are its views (split
                 # gives views), else each update.
                 storage = naturals.untyped_storage().data_ptr()
@@ -903,7 +789,7 @@ class KroneckerOptimizer(Optimizer):
             for layer, natural in zip(layers, naturals.unbind()):
                 self._clip_update(layer, natural, clip, pending_avg, clip_flags)  # (in place)
             return naturals
-        norm_sq = _inner_rows(naturals, naturals).float()
+        norm_sq = inner_rows(naturals, naturals).float()
         avg = torch.stack(averages).to(norm_sq.device)
         over = (norm_sq > avg * clip**2) & (avg > 0)
         scale = torch.where(over, (avg / norm_sq).sqrt(), torch.ones_like(norm_sq))
@@ -918,7 +804,7 @@ class KroneckerOptimizer(Optimizer):
     @staticmethod
     def _kl_term(layer: KroneckerLayer, natural: Tensor, grad: Tensor) -> Tensor:
         """``lr² ⟨u, g⟩`` of the layer's update ``u`` and gradient ``g`` (see :func:`kl_clip_scale`)."""
-        return _inner(natural, grad) * layer.group["lr"] ** 2
+        return inner(natural, grad) * layer.group["lr"] ** 2
 
     def _clip_update(
         self, layer: KroneckerLayer, natural: Tensor, clip: float, pending_avg: dict[str, Tensor], clip_flags: list[Tensor]
@@ -926,7 +812,7 @@ class KroneckerOptimizer(Optimizer):
         """Scale ``natural`` down to the running RMS of the layer's update norms if
         it is more than ``clip`` times that (exactly unchanged otherwise); no host
         sync."""
-        norm_sq = _inner(natural, natural).float()
+        norm_sq = inner(natural, natural).float()
         avg = self.update_norm_avg.get(layer.name)
         if avg is None:  # first update: nothing to compare to
             # (an overflowing norm must not disable the guard: it counts as 0)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from singd_lightning import SINGD
-from singd_lightning.optim import base
+from singd_lightning.optim import reductions
 from singd_lightning.optim.curvature import KroneckerLayer
 from singd_lightning.structures import STRUCTURES as REGISTRY
 
@@ -88,7 +88,7 @@ def _pair(structure: str, T: int) -> tuple[list[nn.Module], list[SINGD]]:
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_batched_training_follows_layer_by_layer(monkeypatch, structure, T, launch_bound):
     if launch_bound:  # the CUDA routes (multi-tensor checks, batched inner products) on the CPU
-        monkeypatch.setattr(base, "LAUNCH_BOUND_DEVICES", frozenset({"cuda", "cpu"}))
+        monkeypatch.setattr(reductions, "LAUNCH_BOUND_DEVICES", frozenset({"cuda", "cpu"}))
     models, optimizers = _pair(structure, T)
     for model, optimizer in zip(models, optimizers):
         _train(model, optimizer, steps=7)
@@ -242,7 +242,7 @@ def _ops_per_plain_step(depth: int, batch: bool) -> int:
 
 def test_a_batch_costs_a_constant_number_of_operations_per_step(monkeypatch):
     # With the multi-tensor finiteness check (CUDA's) on the CPU too.
-    monkeypatch.setattr(base, "LAUNCH_BOUND_DEVICES", frozenset({"cuda", "cpu"}))
+    monkeypatch.setattr(reductions, "LAUNCH_BOUND_DEVICES", frozenset({"cuda", "cpu"}))
     batched = {depth: _ops_per_plain_step(depth, True) for depth in (4, 8)}
     by_layer = {depth: _ops_per_plain_step(depth, False) for depth in (4, 8)}
     # Four more layers: their gradient matrices (one cat each, with the bias) in
@@ -256,7 +256,7 @@ def test_batched_inner_products_match_one_by_one(dtype):
     a, b = torch.randn(3, 5, 4).to(dtype), torch.randn(3, 5, 4).to(dtype)
     a_t = a.mT.contiguous().mT  # a transposed layout, as a preconditioned gradient may have
     expected = torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b)])
-    for rows in (base._inner_rows(a_t, b), base._batched_inner(a_t, b)):  # CPU's route and the GPU's
+    for rows in (reductions.inner_rows(a_t, b), reductions.batched_inner(a_t, b)):  # CPU's route and the GPU's
         assert rows.dtype == torch.promote_types(dtype, torch.float32)
         torch.testing.assert_close(rows.double(), expected, rtol=1e-5, atol=1e-5)
 

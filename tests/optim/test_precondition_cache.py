@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from singd_lightning import SINGD
-from singd_lightning.optim.base import _inner
+from singd_lightning.optim.reductions import inner
 from singd_lightning.structures import STRUCTURES as REGISTRY
 from singd_lightning.structures.base import Structure
 
@@ -113,6 +113,6 @@ def test_inner_product(dtype, transposed):
     if transposed:
         a, b = a.T, b.T
     expected = (a.double() * b.double()).sum()
-    result = _inner(a, b)
+    result = inner(a, b)
     assert result.dtype == torch.promote_types(dtype, torch.float32)
     torch.testing.assert_close(result.double(), expected, rtol=1e-5, atol=1e-5)

@@ -144,7 +144,7 @@ def test_non_finite_factor_update_is_rejected_for_that_layer_only(structure):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_finds_one_bad_entry_anywhere(dtype, value):
-    from singd_lightning.optim.base import non_finite
+    from singd_lightning.optim.reductions import non_finite
 
     for size in (1, 33, 4099):
         for position in (0, size // 2, size - 1):

@@ -185,29 +185,29 @@ def test_cuda_syncs_per_step_do_not_grow_with_layers(optimizer):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), float("-inf")])
 def test_multi_tensor_finiteness_check_agrees_with_the_per_tensor_one(monkeypatch, dtype, bad):
-    from singd_lightning.optim import base
+    from singd_lightning.optim import reductions
 
     tensors = [torch.randn(5, 3), torch.empty(0), torch.full((4,), 6e4, dtype=torch.float16), torch.randn(7).to(dtype)]
     if bad is not None:
         tensors[-1][3] = bad
     flags = [torch.tensor(True), torch.tensor([True, False, True])]
-    per_tensor = base._finite_and_count(tensors, flags)
-    monkeypatch.setattr(base, "LAUNCH_BOUND_DEVICES", frozenset({"cuda", "cpu"}))
-    assert base._finite_and_count(tensors, flags) == per_tensor == (bad is None, 3)
-    assert bool(base._all_finite_foreach([torch.empty(0)])) and bool(base._all_finite_foreach([]))
+    per_tensor = reductions.finite_and_count(tensors, flags)
+    monkeypatch.setattr(reductions, "LAUNCH_BOUND_DEVICES", frozenset({"cuda", "cpu"}))
+    assert reductions.finite_and_count(tensors, flags) == per_tensor == (bad is None, 3)
+    assert bool(reductions.all_finite_multi_tensor([torch.empty(0)])) and bool(reductions.all_finite_multi_tensor([]))
 
 
 @pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), float("-inf")])
 def test_multi_tensor_check_per_entry_agrees_with_the_per_tensor_one(monkeypatch, bad):
-    from singd_lightning.optim import base
+    from singd_lightning.optim import reductions
 
     entries = [[torch.randn(4), torch.randn(2, 3).bfloat16()], [torch.empty(0), torch.ones(())],
                [torch.full((3,), 6e4, dtype=torch.float16)], [torch.randn(5), torch.randn(5).double(), torch.randn(1)]]
     if bad is not None:
         entries[1][1] = torch.tensor(bad)
         entries[3][1][2] = bad
-    per_tensor = base._finite_per_entry(entries)
-    monkeypatch.setattr(base, "LAUNCH_BOUND_DEVICES", frozenset({"cuda", "cpu"}))
-    multi_tensor = base._finite_per_entry(entries)
+    per_tensor = reductions.finite_per_entry(entries)
+    monkeypatch.setattr(reductions, "LAUNCH_BOUND_DEVICES", frozenset({"cuda", "cpu"}))
+    multi_tensor = reductions.finite_per_entry(entries)
     expected = [True, bad is None, True, bad is None]
     assert per_tensor.tolist() == multi_tensor.tolist() == expected
