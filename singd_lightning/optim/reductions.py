@@ -30,6 +30,11 @@ def all_finite(t: Tensor) -> Tensor:
 LAUNCH_BOUND_DEVICES = frozenset({"cuda"})
 
 
+def launch_bound(device: torch.device) -> bool:
+    """Whether ``device`` is one of :data:`LAUNCH_BOUND_DEVICES` (read at each call)."""
+    return device.type in LAUNCH_BOUND_DEVICES
+
+
 def all_finite_multi_tensor(tensors: list[Tensor]) -> Tensor:
     """Whether all ``tensors`` are finite, as one 0-dim bool tensor, from their
     infinity norms (``max |x|``: NaN if any entry is NaN, inf if any is ±inf; it
@@ -53,7 +58,7 @@ def finite_per_entry(entries: list[list[Tensor]]) -> Tensor:
     of all tensors at once, summed per entry (a few kernels for any number of
     entries); elsewhere four operations per tensor (:func:`all_finite`)."""
     device = entries[0][0].device
-    if device.type not in LAUNCH_BOUND_DEVICES:
+    if not launch_bound(device):
         return torch.stack([torch.stack([all_finite(t) for t in entry]).all() for entry in entries])
     flat = [t for entry in entries for t in entry]
     norms: list[Tensor | None] = [None] * len(flat)
@@ -94,7 +99,7 @@ def inner_rows(a: Tensor, b: Tensor) -> Tensor:
     float32, without a temporary of ``a``'s size: one batched product on a GPU
     (:data:`LAUNCH_BOUND_DEVICES`); on the CPU, where that product runs several
     times slower than BLAS dot products, one :func:`inner` per ``l``."""
-    if a.device.type in LAUNCH_BOUND_DEVICES:
+    if launch_bound(a.device):
         return batched_inner(a, b)
     return torch.stack([inner(x, y) for x, y in zip(a, b)])
 
@@ -119,7 +124,7 @@ def finite_and_count(tensors: list[Tensor], flags: list[Tensor]) -> tuple[bool, 
     by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
     multi_tensor: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
-        if t.device.type in LAUNCH_BOUND_DEVICES:
+        if launch_bound(t.device):
             multi_tensor.setdefault(t.device, []).append(t)
         else:
             by_device.setdefault(t.device, ([], []))[0].append(all_finite(t))

@@ -174,3 +174,20 @@ def test_empty_batch_gives_zero_statistics():
         layout = structure(layer.dim_in)
         stat = layout.project_gram_rows(layout.identity(), input_rows(layer, x, "expand"))
         assert stat.shape == (layout.numel,) and not stat.any(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dim, keepdim", [(0, False), (0, True), ((0, 2, 3), False)])
+def test_square_sums_by_the_launch_bound_route_equal_the_chunked_one(monkeypatch, dtype, dim, keepdim):
+    from singd_lightning.optim import curvature, reductions
+
+    x = torch.randn(300, 5, 30, 40).to(dtype)  # (more than one chunk of 2^18 elements)
+    chunked = curvature._square_sums(x, dim, keepdim)
+    monkeypatch.setattr(reductions, "LAUNCH_BOUND_DEVICES", frozenset({"cuda", "cpu"}))
+    one_kernel = curvature._square_sums(x, dim, keepdim)
+    assert one_kernel.dtype == chunked.dtype == dtype and one_kernel.shape == chunked.shape
+    expected = x.double().square().sum(dim=dim, keepdim=keepdim)
+    # (sums of 360,000 squares: float32 accumulation orders differ by up to 1e-4)
+    rtol = {torch.float64: 1e-10, torch.float32: 3e-4, torch.bfloat16: 2e-2}[dtype]
+    for result in (chunked, one_kernel):
+        torch.testing.assert_close(result.double(), expected, rtol=rtol, atol=0)
