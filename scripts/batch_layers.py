@@ -259,11 +259,11 @@ def step_times(model_name: str, structure: str, batch_size: int, repeats: int, w
 
     saved = reductions.LAUNCH_BOUND_DEVICES
 
-    def count(way: str) -> int:
+    def count(call: Callable[[], None]) -> int:
         reductions.LAUNCH_BOUND_DEVICES = saved | {device.type}  # counted as on CUDA, on any device
         try:
             with OperationCounter() as counter:
-                optimizers[way].step()
+                call()
         finally:
             reductions.LAUNCH_BOUND_DEVICES = saved
         return counter.count
@@ -281,16 +281,15 @@ def step_times(model_name: str, structure: str, batch_size: int, repeats: int, w
                 update_ms[way].append(1e3 * (time.perf_counter() - start))
     counts = {}
     for way in optimizers:
-        with OperationCounter() as counter:  # with the statistics' hooks (AdamW: none)
-            backward(way)
-        counts[f"{way}_backward_operations"] = counter.count
-        counts[f"{way}_update_operations"] = count(way)
+        # with the statistics' hooks (AdamW: none)
+        counts[f"{way}_backward_operations"] = count(lambda way=way: backward(way))
+        counts[f"{way}_update_operations"] = count(optimizers[way].step)
     # Between updates: the steps only precondition, the gradients fixed.
     for optimizer in optimizers.values():
         for group in optimizer.param_groups:
             group["T"] = 10**9
     ms = time_ways({way: optimizer.step for way, optimizer in optimizers.items()}, repeats, warmup, device)
-    counts.update({f"{way}_operations": count(way) for way in optimizers})
+    counts.update({f"{way}_operations": count(optimizer.step) for way, optimizer in optimizers.items()})
     return {"model": model_name, "structure": structure, "batch_size": batch_size,
             **{f"{way}_ms": round(value, 3) for way, value in ms.items()},
             **{f"{way}_update_ms": round(statistics.median(values), 3) for way, values in update_ms.items()},
