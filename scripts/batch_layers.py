@@ -16,7 +16,7 @@ times three structured operations of an SINGD step on the chosen device:
 Each is timed three ways, in turn within every round (median over ``--repeats``
 rounds; on CUDA every call starts and ends with a synchronisation):
 
-- ``one_by_one``: a call per layer (what the optimizer does);
+- ``one_by_one``: a call per layer (what the optimizer does layer by layer);
 - ``batched``: the operands stacked (``torch.stack``, counted) and one call for
   the group; for ``precondition`` only the gradients are stacked, since the
   factors' forms would be stacked once per update;
@@ -28,8 +28,9 @@ AdamW's step beside them) at a factor update and between updates (the
 gradients fixed), with the number of operations each step dispatches (views
 excluded; on a GPU, kernel launches), counted as on CUDA on any device (its
 routes for launch-bound devices: the multi-tensor finiteness checks, batched
-inner products). The statistics the backward hooks collect are not in these
-steps: they are projected layer by layer as the gradients arrive.
+inner products, one-kernel sums of squares), and those of the backward pass
+before an update, whose hooks collect the statistics (batched, they leave
+the projections to the update step).
 
 And whole training steps (``--train-step``: forward, backward and step of each
 configuration in turn) with ``batch_layers`` off and on at ``T`` = 1 and 10, over
