@@ -732,10 +732,7 @@ class KroneckerOptimizer(Optimizer):
                         parts.append(d)
             if group["kl_clip"] is not None:
                 terms, scaled = kl_terms.setdefault(group["kl_clip"], ([], []))
-                if len(layers) == 1:
-                    terms.append(self._kl_term(layers[0], naturals[0], grads[0]))
-                else:
-                    terms.append(inner_rows(naturals, grads).sum() * group["lr"] ** 2)
+                terms.append(self._kl_term(layers, naturals, grads))
                 # One scaling of the batch where the updates are its views (split
                 # gives views), else each update.
                 storage = naturals.untyped_storage().data_ptr()
@@ -747,32 +744,21 @@ class KroneckerOptimizer(Optimizer):
                 d.mul_(scale.to(d.dtype))
         return updates
 
-    def _preconditioned(self, layers: list[KroneckerLayer]) -> Iterator[tuple[list, Tensor, Tensor]]:
+    def _preconditioned(
+        self, layers: list[KroneckerLayer], gradients: dict[str, Tensor] | None = None
+    ) -> Iterator[tuple[list, Tensor, Tensor]]:
         """``(layers, gradients, preconditioned gradients)`` for all of ``layers``, in
         batches: ``(L, d_o, d_K)`` tensors for a batch of ``L`` layers of the same
         shapes and parameter group, which subclasses may compute together (SINGD
         batches layers of the same factor shapes, ``batch_layers``). By default one
         layer at a time (``L = 1``), so that only one layer's gradient matrix (a
-        copy, with a bias) is held at once. A missing weight (or bias) gradient
-        counts as zero."""
+        copy, with a bias) is held at once. The gradient matrices are the layers'
+        own (:meth:`KroneckerLayer.gradient_matrix`: a missing weight or bias
+        gradient counts as zero) or, by layer name, ``gradients`` (the full ones
+        an owner gathers under FSDP2)."""
         for layer in layers:
-            grad = layer.gradient_matrix()
+            grad = layer.gradient_matrix() if gradients is None else gradients[layer.name]
             yield [layer], grad.unsqueeze(0), self._precondition(layer, grad).unsqueeze(0)
-
-    def _layer_update(
-        self, layer: KroneckerLayer, grad: Tensor, pending_avg: dict[str, Tensor], clip_flags: list[Tensor]
-    ) -> Tensor:
-        """The preconditioned ``(d_o, d_K)`` gradient ``grad`` of ``layer``, spike
-        guard applied (see :meth:`_clip_update`)."""
-        return self._guarded_update(layer, self._precondition(layer, grad), pending_avg, clip_flags)
-
-    def _guarded_update(
-        self, layer: KroneckerLayer, natural: Tensor, pending_avg: dict[str, Tensor], clip_flags: list[Tensor]
-    ) -> Tensor:
-        """``layer``'s preconditioned gradient ``natural`` with the spike guard applied."""
-        if layer.group["update_clip"] is not None:
-            natural = self._clip_update(layer, natural, layer.group["update_clip"], pending_avg, clip_flags)
-        return natural
 
     def _guarded_updates(
         self, layers: list[KroneckerLayer], naturals: Tensor, pending_avg: dict[str, Tensor], clip_flags: list[Tensor]
@@ -802,9 +788,12 @@ class KroneckerOptimizer(Optimizer):
         return naturals
 
     @staticmethod
-    def _kl_term(layer: KroneckerLayer, natural: Tensor, grad: Tensor) -> Tensor:
-        """``lr² ⟨u, g⟩`` of the layer's update ``u`` and gradient ``g`` (see :func:`kl_clip_scale`)."""
-        return inner(natural, grad) * layer.group["lr"] ** 2
+    def _kl_term(layers: list[KroneckerLayer], naturals: Tensor, grads: Tensor) -> Tensor:
+        """``lr² Σ_l ⟨u_l, g_l⟩`` of a batch's updates ``u_l`` and gradients ``g_l``
+        (``(L, d_o, d_K)``, one parameter group; see :func:`kl_clip_scale`)."""
+        if len(layers) == 1:
+            return inner(naturals[0], grads[0]) * layers[0].group["lr"] ** 2
+        return inner_rows(naturals, grads).sum() * layers[0].group["lr"] ** 2
 
     def _clip_update(
         self, layer: KroneckerLayer, natural: Tensor, clip: float, pending_avg: dict[str, Tensor], clip_flags: list[Tensor]

@@ -199,7 +199,8 @@ class LayerDistributor:
         is in ``with_grad``, as ``DTensor`` s shaped and sharded like it.
 
         The owners precondition (spike guard included) the full gradients they
-        receive; the KL clip's sum over layers is reduced over ranks (one small
+        receive, same-shaped layers in batches where the optimizer batches them;
+        the KL clip's sum over layers is reduced over ranks (one small
         ``all_reduce``, only with ``kl_clip``) and scales every rank's shards.
         """
         layers = [layer for layer in optimizer.layers if any(id(p) in with_grad for p in layer.params)]
@@ -211,17 +212,20 @@ class LayerDistributor:
         full = self._gather_to_owners(layers, dtype, device)
         natural: dict[str, list[Tensor]] = {}
         kl_sums: dict[float, Tensor] = {}
-        for layer in layers:
-            if not self.owns(layer.name):
-                continue
-            param_grads = [g.to(p.dtype) for g, p in zip(full[layer.name], layer.params)]
-            grad = _full_gradient_matrix(layer, param_grads)
-            update = optimizer._layer_update(layer, grad, pending_avg, clip_flags)
-            kl_clip = layer.group["kl_clip"]
+        owned = [layer for layer in layers if self.owns(layer.name)]
+        matrices = {
+            layer.name: _full_gradient_matrix(layer, [g.to(p.dtype) for g, p in zip(full[layer.name], layer.params)])
+            for layer in owned
+        }
+        # (in batches of same-shaped layers where the optimizer batches them)
+        for batch, grads, updates in optimizer._preconditioned(owned, matrices):
+            updates = optimizer._guarded_updates(batch, updates, pending_avg, clip_flags)
+            kl_clip = batch[0].group["kl_clip"]
             if kl_clip is not None:
-                term = optimizer._kl_term(layer, update, grad)
+                term = optimizer._kl_term(batch, updates, grads)
                 kl_sums[kl_clip] = kl_sums[kl_clip] + term if kl_clip in kl_sums else term
-            natural[layer.name] = _split_full(layer, update)
+            for layer, update in zip(batch, updates.unbind()):
+                natural[layer.name] = _split_full(layer, update)
         shards = self._scatter_from_owners(layers, natural, dtype, device)
         scales = self._kl_scales(layers, kl_sums, device)
         updates = {}

@@ -664,16 +664,20 @@ class SINGD(KroneckerOptimizer):
         x = layout_c.matmul_outer_form(form_c, x.mT.to(C.dtype))
         return x.to(grad.dtype)
 
-    def _preconditioned(self, layers: list[KroneckerLayer]):
+    def _preconditioned(self, layers: list[KroneckerLayer], gradients: dict[str, Tensor] | None = None):
         """Per batch of :meth:`_layer_batches` (same-shaped layers, with
-        ``batch_layers``), one batched preconditioning; other layers one by one."""
+        ``batch_layers``), one batched preconditioning; other layers one by one
+        (see :meth:`KroneckerOptimizer._preconditioned`)."""
         for batch in self._layer_batches(layers):
             if len(batch) == 1:
-                yield from super()._preconditioned(batch)
+                yield from super()._preconditioned(batch, gradients)
                 continue
             key = self._batch_key(batch[0])
             layout_k, layout_c, dtype_k, dtype_c = key[:4]
-            grads = KroneckerLayer.stacked_gradient_matrices(batch)  # (L, d_o, d_K)
+            if gradients is None:
+                grads = KroneckerLayer.stacked_gradient_matrices(batch)  # (L, d_o, d_K)
+            else:
+                grads = torch.stack([gradients[layer.name] for layer in batch])
             form_k, form_c = self._stacked_outer_forms(key, batch)
             x = layout_k.matmul_outer_form(form_k, grads.mT.to(dtype_k))
             x = layout_c.matmul_outer_form(form_c, x.mT.to(dtype_c))

@@ -60,7 +60,9 @@ def _model(width: int = 9) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, width), nn.LayerNorm(width),
-        nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),  # (a batch with batch_layers)
+        # three same-shaped layers: with batch_layers a batch, and on two ranks at
+        # least two of them with one owner (a batch there too)
+        nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
         nn.Linear(width, 5, bias=False),
     ).double()
 
