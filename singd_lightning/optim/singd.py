@@ -400,7 +400,8 @@ class SINGD(KroneckerOptimizer):
             if len(batch) == 1:
                 updates.append((batch[0], new_state))
             else:  # each layer's rows (views: see state_dict)
-                updates += [(layer, {key: value[i] for key, value in new_state.items()}) for i, layer in enumerate(batch)]
+                updates += [(layer, {key: value[i] for key, value in new_state.items()})
+                            for i, layer in enumerate(batch)]
         return updates, clipped
 
     def _layer_batches(self, layers: list[KroneckerLayer]) -> list[list[KroneckerLayer]]:

@@ -139,7 +139,8 @@ class BlockDiagonal(Structure):
         return super().project_gram_rows(data, rows)
 
     def gram_statistic(self, rows) -> Tensor:
-        return rows.reduce(self.project_outer, max(rows.chunk_bytes, self.numel * rows.dtype.itemsize))  # X Xᵀ's blocks
+        # X Xᵀ's blocks, over column chunks at least as large as the result
+        return rows.reduce(self.project_outer, max(rows.chunk_bytes, self.numel * rows.dtype.itemsize))
 
     def gram_statistic_numel(self) -> int:
         return self.numel

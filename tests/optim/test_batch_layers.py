@@ -103,7 +103,8 @@ def test_same_shaped_layers_are_preconditioned_together(monkeypatch):
     calls = []
     cls = REGISTRY["hierarchical"]
     original = cls.matmul_outer_form
-    monkeypatch.setattr(cls, "matmul_outer_form", lambda self, form, x: calls.append(x.shape) or original(self, form, x))
+    monkeypatch.setattr(cls, "matmul_outer_form",
+                        lambda self, form, x: calls.append(x.shape) or original(self, form, x))
     model = Blocks()
     optimizer = _optimizer(model, "hierarchical", True)
     _train(model, optimizer, steps=1)
