@@ -369,3 +369,18 @@ def test_batched_statistics_are_projected_at_the_update(monkeypatch):
         # 8 layers × 2 factors one by one; or the 3 batches (embeddings, convolutions,
         # 8 → 8 linear layers) stacked and the head alone
         assert sorted(calls) == expected
+
+
+def test_warm_start_with_batches_follows_layer_by_layer():
+    """The starting layers take their first statistics one by one (projected at
+    the identity), then join their batches."""
+    models, optimizers = [], []
+    for batch in (False, True):
+        torch.manual_seed(0)
+        models.append(Blocks())
+        optimizers.append(_optimizer(models[-1], "hierarchical", batch, factor_init="warm", T=2))
+    for model, optimizer in zip(models, optimizers):
+        _train(model, optimizer, steps=5)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert optimizers[1].skipped_steps == optimizers[1].rejected_preconditioner_updates == 0
