@@ -101,6 +101,9 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: st
                 records.append(_run(mode, structure, args, rank, world))
         if rank == 0:
             Path(out).write_text(json.dumps(records))
+        # Every rank done before any tears gloo down: a rank that destroys the
+        # group while its peer still talks to it can abort that peer.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -50,6 +50,7 @@ def _worker(rank: int, store: str, out: str) -> None:
             dist.all_reduce = original
         torch.save({"reduced": reduced, "reference": reference, "dtypes": dtypes, "syncs": counter.total},
                    Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # both ranks done before either tears gloo down
     finally:
         dist.destroy_process_group()
 

@@ -226,6 +226,7 @@ def _worker(rank: int, store: str, out: str) -> None:
                                                 "factors": {n: s["K"].clone() for n, s in optimizer.layer_state.items()}}
         results["ddp"] = ddp
         torch.save(results, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # both ranks done before either tears gloo down
     finally:
         dist.destroy_process_group()
 
