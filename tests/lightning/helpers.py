@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
@@ -135,6 +136,15 @@ def join_two_ranks(rank: int, port: int) -> None:
     warnings.simplefilter("ignore")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
+
+
+def leave_two_ranks() -> None:
+    """Tear the process group of :func:`join_two_ranks` down once both ranks are
+    done: a rank that destroyed gloo's group while its peer still used it could
+    abort the peer ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 class Offset(nn.Module):

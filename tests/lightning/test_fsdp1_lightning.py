@@ -11,7 +11,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -24,6 +23,7 @@ from tests.lightning.helpers import (
     assert_resumed_exactly,
     free_port,
     join_two_ranks,
+    leave_two_ranks,
     singd_options,
 )
 
@@ -145,8 +145,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         _fit_configured(str(configured / "shards"), full=False)
     except ValueError as error:
         (Path(out_dir) / f"configure_error{rank}.txt").write_text(str(error))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_two_ranks()
 
 
 def test_fsdp1_equals_one_process_on_the_joint_batch_and_resumes_exactly(tmp_path):

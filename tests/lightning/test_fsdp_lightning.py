@@ -11,7 +11,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -25,6 +24,7 @@ from tests.lightning.helpers import (
     assert_resumed_exactly,
     free_port,
     join_two_ranks,
+    leave_two_ranks,
     singd_options,
 )
 
@@ -73,8 +73,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     bf16 = Path(out_dir) / "bf16"
     bf16.mkdir(exist_ok=True)
     _fit(str(bf16), devices=2, batch_size=4, accumulate=2, precision="bf16-mixed")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_two_ranks()
 
 
 def test_model_parallel_fsdp2_equals_one_process_on_the_joint_batch(tmp_path):
@@ -123,8 +122,7 @@ def _resume_worker(rank: int, port: int, out_dir: str) -> None:
         run = Path(out_dir) / ("folder" if distributed else "file")
         _fit_checkpointed(str(run / "through"), distributed)
         _fit_checkpointed(str(run / "resumed"), distributed, ckpt_path=str(run / "through" / "epoch=0.ckpt"))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_two_ranks()
 
 
 def test_model_parallel_checkpoints_resume_exactly(tmp_path):
