@@ -76,12 +76,30 @@ def _train(model: nn.Module, optimizer: SINGD, steps: int, seed: int = 1) -> Non
         optimizer.step()
 
 
-def _pair(structure: str, T: int) -> tuple[list[nn.Module], list[SINGD]]:
+def _backward(model: nn.Module, samples: int = 16, seed: int = 0) -> None:
+    """One backward pass on a fresh batch (no step)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, image = torch.randint(0, 10, (samples, 5), generator=g), torch.randn(samples, 2, 4, 4, generator=g)
+    nn.functional.cross_entropy(model(tokens, image), torch.randint(0, 3, (samples,), generator=g)).backward()
+
+
+def _pair(structure: str, T: int = 1, **kwargs) -> tuple[list[nn.Module], list[SINGD]]:
+    """Two equal models, trained layer by layer and batched."""
     models = []
     for _ in range(2):
         torch.manual_seed(0)
         models.append(Blocks())
-    return models, [_optimizer(models[0], structure, False, T), _optimizer(models[1], structure, True, T)]
+    return models, [_optimizer(model, structure, batch, T, **kwargs) for model, batch in zip(models, (False, True))]
+
+
+def _assert_follows(models: list[nn.Module], optimizers: list[SINGD], states: bool = True) -> None:
+    """The batched run's parameters (and factors) equal the layer-by-layer run's up to rounding."""
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if states:
+        for name, state in optimizers[0].layer_state.items():
+            for key, value in state.items():
+                torch.testing.assert_close(optimizers[1].layer_state[name][key], value, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("T, launch_bound", [(1, False), (3, False), (3, True)])
@@ -92,11 +110,7 @@ def test_batched_training_follows_layer_by_layer(monkeypatch, structure, T, laun
     models, optimizers = _pair(structure, T)
     for model, optimizer in zip(models, optimizers):
         _train(model, optimizer, steps=7)
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    for name, state in optimizers[0].layer_state.items():
-        for key, value in state.items():
-            torch.testing.assert_close(optimizers[1].layer_state[name][key], value, rtol=1e-5, atol=1e-6)
+    _assert_follows(models, optimizers)
 
 
 def test_same_shaped_layers_are_preconditioned_together(monkeypatch):
@@ -153,10 +167,8 @@ def test_a_non_finite_gradient_in_a_group_skips_the_step_unchanged():
     _train(model, optimizer, steps=2)
     params = [p.detach().clone() for p in model.parameters()]
     state = {name: {k: v.clone() for k, v in s.items()} for name, s in optimizer.layer_state.items()}
-    g = torch.Generator().manual_seed(5)
-    tokens, image = torch.randint(0, 10, (16, 5), generator=g), torch.randn(16, 2, 4, 4, generator=g)
     optimizer.zero_grad()
-    nn.functional.cross_entropy(model(tokens, image), torch.randint(0, 3, (16,), generator=g)).backward()
+    _backward(model, seed=5)
     model.linears[1].weight.grad[0, 0] = float("nan")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -202,17 +214,14 @@ def test_a_spike_in_one_layer_of_a_batch_is_clipped_as_layer_by_layer():
     models, optimizers = _pair("hierarchical", 1)
     for model, optimizer in zip(models, optimizers):
         _train(model, optimizer, steps=3)
-        g = torch.Generator().manual_seed(9)
-        tokens, image = torch.randint(0, 10, (16, 5), generator=g), torch.randn(16, 2, 4, 4, generator=g)
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(tokens, image), torch.randint(0, 3, (16,), generator=g)).backward()
+        _backward(model, seed=9)
         model.linears[1].weight.grad.mul_(1e4)  # one layer of the batch of three spikes
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             optimizer.step()
         assert optimizer.clipped_updates == 1 and any("update_clip" in str(w.message) for w in caught)
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _assert_follows(models, optimizers, states=False)
     for name, norm in optimizers[0].update_norm_avg.items():
         torch.testing.assert_close(optimizers[1].update_norm_avg[name], norm, rtol=1e-5, atol=0)
 
@@ -283,14 +292,9 @@ def test_cuda_batches_by_default_and_follows_layer_by_layer(structure, dtype):
 @pytest.mark.parametrize("bound", [1e-6, 0.008])  # every factor step bounded; some
 @pytest.mark.parametrize("structure", ["diagonal", "hierarchical"])
 def test_bounded_factor_steps_in_a_batch_follow_layer_by_layer(structure, bound):
-    models = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        models.append(Blocks())
     # α₁ > 0: a bounded step keeps the old Riemannian momentum, which is the same
     # tensor as the step until then.
-    optimizers = [_optimizer(model, structure, batch, max_factor_step=bound, alpha1=0.5)
-                  for model, batch in zip(models, (False, True))]
+    models, optimizers = _pair(structure, max_factor_step=bound, alpha1=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the bound's warning, every step
         for model, optimizer in zip(models, optimizers):
@@ -298,11 +302,7 @@ def test_bounded_factor_steps_in_a_batch_follow_layer_by_layer(structure, bound)
     assert optimizers[1].clipped_factor_updates == optimizers[0].clipped_factor_updates > 0
     if bound == 0.008:
         assert optimizers[0].clipped_factor_updates < 4 * 2 * len(optimizers[0].layers)  # not all
-    for name, state in optimizers[0].layer_state.items():
-        for key, value in state.items():
-            torch.testing.assert_close(optimizers[1].layer_state[name][key], value, rtol=1e-5, atol=1e-6)
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _assert_follows(models, optimizers)
 
 
 def test_checkpoint_of_batched_factors_holds_own_tensors():
@@ -321,8 +321,7 @@ def test_stacked_gradient_matrices_are_the_layers_own():
     model = Blocks()
     optimizer = _optimizer(model, "diagonal", True)
     _train(model, optimizer, steps=1)
-    tokens, image = torch.randint(0, 10, (4, 5)), torch.randn(4, 2, 4, 4)
-    nn.functional.cross_entropy(model(tokens, image), torch.randint(0, 3, (4,))).backward()
+    _backward(model, samples=4)
     by_name = {layer.name: layer for layer in optimizer.layers}
     batches = [["convs.0", "convs.1"], ["linears.0", "linears.1"], ["linears.0", "linears.1", "linears.2"],
                ["embeddings.0", "embeddings.1"]]  # with biases (stacked); mixed, embeddings (layer by layer)
@@ -341,8 +340,7 @@ def test_batch_layers_changes_only_between_steps():
     model = Blocks()
     optimizer = _optimizer(model, "hierarchical", False)
     _train(model, optimizer, steps=1)
-    tokens, image = torch.randint(0, 10, (4, 5)), torch.randn(4, 2, 4, 4)
-    nn.functional.cross_entropy(model(tokens, image), torch.randint(0, 3, (4,))).backward()
+    _backward(model, samples=4)
     with pytest.raises(ValueError, match="batch_layers cannot change between a backward pass and its step"):
         optimizer.batch_layers = True
     assert optimizer.batch_layers is False
@@ -374,13 +372,8 @@ def test_batched_statistics_are_projected_at_the_update(monkeypatch):
 def test_warm_start_with_batches_follows_layer_by_layer():
     """The starting layers take their first statistics one by one (projected at
     the identity), then join their batches."""
-    models, optimizers = [], []
-    for batch in (False, True):
-        torch.manual_seed(0)
-        models.append(Blocks())
-        optimizers.append(_optimizer(models[-1], "hierarchical", batch, factor_init="warm", T=2))
+    models, optimizers = _pair("hierarchical", T=2, factor_init="warm")
     for model, optimizer in zip(models, optimizers):
         _train(model, optimizer, steps=5)
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _assert_follows(models, optimizers)
     assert optimizers[1].skipped_steps == optimizers[1].rejected_preconditioner_updates == 0
