@@ -92,6 +92,12 @@ def _world_size() -> int:
     return 1
 
 
+def _own(t: Tensor) -> Tensor:
+    """``t``, or a copy of it if it is part of a larger storage (a row of a batch's
+    stacked state, also after a round trip through pickle)."""
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
+
 def _weighted_copy(t: Tensor, dtype: torch.dtype, weight: float) -> Tensor:
     """``weight · t`` as a new tensor of ``dtype`` (one pass when ``weight`` is 1)."""
     out = t.to(dtype, copy=True)
@@ -856,13 +862,14 @@ class KroneckerOptimizer(Optimizer):
             for key, value in group.items():
                 if callable(value):
                     group[key] = CALLABLE_PLACEHOLDER
-        # Own tensors: a batch's factor update leaves each layer views of one tensor.
-        layers = {name: {key: value.clone() if value._base is not None else value for key, value in layer_state.items()}
-                  for name, layer_state in self.layer_state.items()}
-        # Own copies: a batch's running norms are views of one tensor (see _guarded_updates).
-        norms = {name: value.clone() for name, value in self.update_norm_avg.items()}
+        layers = {name: dict(layer_state) for name, layer_state in self.layer_state.items()}
+        norms = dict(self.update_norm_avg)
         if self._distributor is not None:
             layers, norms, state["state"] = self._distributor.checkpoint_state(self, state["state"])
+        # A batch's factor update and spike guard leave each layer views of one
+        # tensor (rows): the state dict holds each layer's own.
+        layers = {name: {key: _own(value) for key, value in layer_state.items()} for name, layer_state in layers.items()}
+        norms = {name: _own(value) for name, value in norms.items()}
         state["kronecker"] = {
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,

@@ -115,6 +115,12 @@ def _train_tokens(model: nn.Module, optimizer, rank: int = 0, world: int = 1) ->
         optimizer.step()
 
 
+def _own_tensors(state_dict: dict) -> bool:
+    kronecker = state_dict["kronecker"]
+    tensors = [*kronecker["update_norm_avg"].values()] + [v for s in kronecker["layers"].values() for v in s.values()]
+    return bool(tensors) and all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in tensors)
+
+
 def _worker(rank: int, store: str, out: str) -> None:
     warnings.simplefilter("ignore")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
@@ -128,6 +134,9 @@ def _worker(rank: int, store: str, out: str) -> None:
                 "params": _full(model),
                 "keys": {layer: sorted(state) for layer, state in optimizer.layer_state.items()},
                 "owners": dict(optimizer._distributor.owner),
+                # every state tensor its own storage (a batch's rows are copied), full and part
+                "own_tensors": [_own_tensors(state_dict) for state_dict in (optimizer.state_dict(),
+                                                                              sharded_state_dict(optimizer))],
             }
         # Memory: dense factors of wider layers.
         model = _shard(_model(width=32))
@@ -255,6 +264,12 @@ def test_sharded_training_equals_one_process_on_the_joint_batch(ranks, name):
         _assert_close(rank[name]["params"], _full(model))
     # (the steps moved every parameter: the comparison is not vacuous)
     assert all(not torch.equal(initial[k], v) for k, v in _full(model).items())
+
+
+def test_checkpoints_of_batched_layers_hold_their_own_tensors(ranks):
+    for rank in ranks:
+        assert rank["hierarchical_T2_batched"]["own_tensors"] == [True, True]
+        assert rank["diagonal_kl_batched"]["own_tensors"] == [True, True]
 
 
 def test_each_layer_keeps_its_private_state_on_its_owner_only(ranks):
