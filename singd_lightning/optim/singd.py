@@ -655,14 +655,18 @@ class SINGD(KroneckerOptimizer):
         return diagnostics
 
     def _precondition(self, layer: KroneckerLayer, grad: Tensor) -> Tensor:
-        layout_k, layout_c = self.layouts(layer)
-        state = self.layer_state[layer.name]
-        K, C = state["K"], state["C"]
-        form_k, form_c = self._outer_forms(layer, K, C)
-        # Ĝ K Kᵀ = (K (Kᵀ Ĝᵀ))ᵀ, then C (Cᵀ ·): only structured products.
-        x = grad.mT.to(K.dtype)
-        x = layout_k.matmul_outer_form(form_k, x)
-        x = layout_c.matmul_outer_form(form_c, x.mT.to(C.dtype))
+        return self._apply_outer_forms(layer.name, [layer], grad)
+
+    def _apply_outer_forms(self, key: Any, layers: list[KroneckerLayer], grad: Tensor) -> Tensor:
+        """``C Cᵀ Ĝ K Kᵀ`` for one layer's gradient ``(d_o, d_K)``, or for a batch's
+        (:meth:`_layer_batches`, ``key`` its :meth:`_batch_key`) stacked
+        ``(L, d_o, d_K)``: only structured products, in the gradient's dtype."""
+        layout_k, layout_c = self.layouts(layers[0])
+        state = self.layer_state[layers[0].name]
+        form_k, form_c = self._outer_forms(key, layers)
+        # Ĝ K Kᵀ = (K (Kᵀ Ĝᵀ))ᵀ, then C (Cᵀ ·).
+        x = layout_k.matmul_outer_form(form_k, grad.mT.to(state["K"].dtype))
+        x = layout_c.matmul_outer_form(form_c, x.mT.to(state["C"].dtype))
         return x.to(grad.dtype)
 
     def _preconditioned(self, layers: list[KroneckerLayer], gradients: dict[str, Tensor] | None = None):
@@ -673,46 +677,21 @@ class SINGD(KroneckerOptimizer):
             if len(batch) == 1:
                 yield from super()._preconditioned(batch, gradients)
                 continue
-            key = self._batch_key(batch[0])
-            layout_k, layout_c, dtype_k, dtype_c = key[:4]
             if gradients is None:
                 grads = KroneckerLayer.stacked_gradient_matrices(batch)  # (L, d_o, d_K)
             else:
                 grads = torch.stack([gradients[layer.name] for layer in batch])
-            form_k, form_c = self._stacked_outer_forms(key, batch)
-            x = layout_k.matmul_outer_form(form_k, grads.mT.to(dtype_k))
-            x = layout_c.matmul_outer_form(form_c, x.mT.to(dtype_c))
-            yield batch, grads, x.to(grads.dtype)
+            yield batch, grads, self._apply_outer_forms(self._batch_key(batch[0]), batch, grads)
 
     def _batching(self, layers: list[KroneckerLayer]) -> bool:
         """Whether to batch same-shaped layers (``batch_layers``; None: on CUDA)."""
         batch = self.batch_layers
         return batch if batch is not None else layers[0].weight.device.type == "cuda"
 
-    def _stacked_outer_forms(self, key: tuple, layers: list[KroneckerLayer]) -> tuple:
-        """The outer forms of the factors of ``layers`` (one batch of
-        :meth:`_layer_batches`, ``key`` its :meth:`_batch_key`) stacked along a new
-        first dimension, computed by one batched call per factor; kept between
-        updates as :meth:`_outer_forms` keeps a layer's own."""
-        layout_k, layout_c = key[:2]
-        factors = [(self.layer_state[layer.name]["K"], self.layer_state[layer.name]["C"]) for layer in layers]
-        keep = all(layer.group["T"] > 1 for layer in layers) and not any(
-            t.is_inference() for pair in factors for t in pair)
-        cache = self.__dict__.setdefault("_stacked_form_cache", {})
-        versions = [(K, K._version, C, C._version) for K, C in factors]
-        cached = cache.get(key)
-        if keep and cached is not None and _same_factors(cached[0], versions):
-            return cached[1]
-        forms = (layout_k.outer_form(torch.stack([K for K, _ in factors])),
-                 layout_c.outer_form(torch.stack([C for _, C in factors])))
-        if keep:
-            cache[key] = (versions, forms)
-        else:
-            cache.pop(key, None)
-        return forms
-
-    def _outer_forms(self, layer: KroneckerLayer, K: Tensor, C: Tensor) -> tuple:
-        """``K``'s and ``C``'s :meth:`~singd_lightning.structures.Structure.outer_form`.
+    def _outer_forms(self, key: Any, layers: list[KroneckerLayer]) -> tuple:
+        """The :meth:`~singd_lightning.structures.Structure.outer_form` of ``K`` and
+        ``C`` of one layer, or of a batch's (stacked along a new first dimension,
+        one batched call per factor); ``key`` names the layer or batch.
 
         With ``T > 1`` they are kept from one step to the next while the factors
         stay the same tensors, unchanged in place (their version counters): the
@@ -720,16 +699,24 @@ class SINGD(KroneckerOptimizer):
         block-diagonal and hierarchical factors skips most of the small products
         of a step. At ``T = 1`` every step has new factors: nothing is kept.
         """
-        layout_k, layout_c = self.layouts(layer)
-        if layer.group["T"] == 1 or K.is_inference() or C.is_inference():
-            return layout_k.outer_form(K), layout_c.outer_form(C)
+        layout_k, layout_c = self.layouts(layers[0])
+        factors = [(self.layer_state[layer.name]["K"], self.layer_state[layer.name]["C"]) for layer in layers]
         cache = self.__dict__.setdefault("_outer_form_cache", {})
-        key = (K, K._version, C, C._version)
-        cached = cache.get(layer.name)
-        if cached is not None and _same_factors([cached[0]], [key]):
+        keep = all(layer.group["T"] > 1 for layer in layers) and not any(
+            t.is_inference() for pair in factors for t in pair)
+        versions = [(K, K._version, C, C._version) for K, C in factors]
+        cached = cache.get(key)
+        if keep and cached is not None and _same_factors(cached[0], versions):
             return cached[1]
+        if len(factors) == 1:
+            K, C = factors[0]
+        else:
+            K, C = torch.stack([K for K, _ in factors]), torch.stack([C for _, C in factors])
         forms = layout_k.outer_form(K), layout_c.outer_form(C)
-        cache[layer.name] = (key, forms)
+        if keep:
+            cache[key] = (versions, forms)
+        else:
+            cache.pop(key, None)
         return forms
 
 

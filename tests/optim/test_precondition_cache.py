@@ -42,9 +42,11 @@ def _train(model: nn.Module, optimizer: SINGD, steps: int) -> None:
 def _rebuild_every_step(optimizer: SINGD) -> None:
     """The behaviour without the cache: every step builds the forms anew."""
 
-    def forms(self, layer, K, C):
+    def forms(self, key, layers):
+        (layer,) = layers  # (layer by layer)
         layout_k, layout_c = self.layouts(layer)
-        return layout_k.outer_form(K), layout_c.outer_form(C)
+        state = self.layer_state[layer.name]
+        return layout_k.outer_form(state["K"]), layout_c.outer_form(state["C"])
 
     optimizer._outer_forms = types.MethodType(forms, optimizer)
 
